@@ -1,0 +1,1 @@
+"""Example agents, shipped as ``milliwatt.examples`` so ``milliwatt demo`` can run them."""

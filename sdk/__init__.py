@@ -1,0 +1,57 @@
+"""milliwatt: answer each agent step with the cheapest tier that answers it well.
+
+The public API is what ``__all__`` lists; tests/test_public_api.py pins it.
+"""
+
+from ._offline import apply_offline_defaults
+
+apply_offline_defaults()
+
+from .errors import (  # noqa: E402
+    BackendError,
+    ConfigError,
+    InvalidRequestError,
+    MilliwattError,
+    NoTierAnswered,
+    RemoteAuthError,
+    RemoteBadRequest,
+    RemoteError,
+    RemoteRateLimited,
+    RemoteTimeout,
+    RemoteUnavailable,
+    RuleFileError,
+)
+from .client import Milliwatt  # noqa: E402
+from .registry import register_tier  # noqa: E402
+from .tier import Completion, ModelBackend, Tier  # noqa: E402
+from .types import Attempt, Energy, Step, StepMeta, StepRecord, StepResult, TierResult  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Milliwatt",
+    "Step",
+    "StepMeta",
+    "StepResult",
+    "StepRecord",
+    "Attempt",
+    "Energy",
+    "TierResult",
+    "Tier",
+    "ModelBackend",
+    "Completion",
+    "register_tier",
+    "MilliwattError",
+    "InvalidRequestError",
+    "ConfigError",
+    "RuleFileError",
+    "BackendError",
+    "RemoteError",
+    "RemoteTimeout",
+    "RemoteRateLimited",
+    "RemoteUnavailable",
+    "RemoteBadRequest",
+    "RemoteAuthError",
+    "NoTierAnswered",
+    "__version__",
+]

@@ -1,0 +1,51 @@
+"""The ``milliwatt`` command: ``demo`` (the main job) and ``report``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from .errors import MilliwattError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="milliwatt", description="Answer agent steps with the cheapest tier that answers them well.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the example support agent through the cascade, offline")
+    demo.add_argument("--ledger", default="milliwatt-demo.db", help="SQLite file to write (replaced each run)")
+    demo.add_argument("--config", help="a YAML or TOML configuration file")
+    demo.add_argument("--cache", help="cache folder to use and keep (default: a fresh one per run)")
+    demo.add_argument("--json", dest="json_out", help="also write the summary as JSON to this file")
+
+    report = sub.add_parser("report", help="print the summary of a ledger")
+    report.add_argument("ledger", help="a ledger file path or SQLAlchemy URL")
+    report.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            summary = asyncio.run(run_demo(ledger=args.ledger, config=args.config, cache_path=args.cache, out=sys.stdout))
+            if args.json_out:
+                with open(args.json_out, "w") as f:
+                    json.dump(summary, f, indent=2)
+        elif args.command == "report":
+            from .report import format_summary, summarize
+
+            summary = summarize(args.ledger)
+            print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    except MilliwattError as e:
+        print(f"milliwatt: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

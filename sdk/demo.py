@@ -1,0 +1,96 @@
+"""``milliwatt demo``: the example support agent through the full cascade, offline.
+
+With no provider configured (``MILLIWATT_REMOTE_MODEL`` unset), the remote tier is a real
+OpenAI-compatible server on loopback (llama-cpp-python's server with the default GGUF),
+started and stopped here. Its answers are labelled ``stand-in`` in the ledger, and its
+energy is estimated for the frontier model it stands in for, so the totals show what the
+same traffic would cost against the real frontier model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from .client import Milliwatt
+from .config import load_settings
+from .types import StepResult
+
+STAND_IN_MODEL = "smollm2-stand-in"
+
+
+@contextlib.asynccontextmanager
+async def remote_settings(frontier_model: str) -> AsyncIterator[dict[str, Any]]:
+    """The remote tier's settings: the configured provider, or a loopback stand-in."""
+    if os.environ.get("MILLIWATT_REMOTE_MODEL"):
+        yield {}  # load_settings applies the environment
+        return
+    from milliwatt.adapters.loopback import LoopbackServer
+
+    async with LoopbackServer(model_alias=STAND_IN_MODEL) as server:
+        yield {
+            "model": f"openai/{server.model}",
+            "api_base": server.api_base,
+            "api_key": "stand-in-needs-no-key",
+            "label": "stand-in",
+            # Charge the energy of the model this server stands in for.
+            "energy_model": frontier_model,
+        }
+
+
+async def run_demo(
+    *,
+    ledger: str = "milliwatt-demo.db",
+    config: str | None = None,
+    cache_path: str | None = None,
+    out: TextIO,
+) -> dict[str, Any]:
+    """Run the scripted conversations; print each step and the totals; return the summary."""
+    from milliwatt.examples.support_agent import CONVERSATIONS, run_conversation
+
+    from .report import format_summary, summarize
+
+    ledger_path = Path(ledger)
+    if ledger_path.exists():
+        ledger_path.unlink()  # one demo run, one ledger: the totals below are this run's
+    settings = load_settings(config)
+    with tempfile.TemporaryDirectory(prefix="milliwatt-demo-cache-") as tmp:
+        out.write("milliwatt demo: starting the remote stand-in and loading models (first step may take a few seconds)\n")
+        async with remote_settings(settings.frontier_model) as remote:
+            data = settings.model_dump()
+            data["remote"] = {**data["remote"], **remote}
+            data["ledger"] = f"sqlite:///{ledger_path}"
+            # A fresh cache per run unless one is named, so every run shows the same tiers.
+            data["cache"] = {**data["cache"], "path": cache_path or tmp}
+            async with Milliwatt.from_config(data) as mw:
+                out.write(_header())
+                for i, turns in enumerate(CONVERSATIONS, 1):
+                    await run_conversation(mw.step, f"demo-{i}", turns, lambda t: out.write(_line(t.session, t.user, t.result)))
+    summary = summarize(str(ledger_path))
+    out.write("\n" + format_summary(summary) + "\n")
+    out.write(f"ledger: {ledger_path} (browse with `sqlite3 {ledger_path}` or `milliwatt report {ledger_path}`)\n")
+    return summary
+
+
+def _header() -> str:
+    cols = f"{'session':<8} {'user turn':<34} {'tier':<7} {'tokens raw>sent':>15} {'energy Wh (low-high)':>30}  answer"
+    return cols + "\n" + "-" * len(cols) + "\n"
+
+
+def _line(session: str, user: str, result: StepResult) -> str:
+    r = result.record
+    e = r.energy
+    energy = f"{e.point_wh:.2e} ({e.low_wh:.1e}-{e.high_wh:.1e})"
+    tier = r.tier + ("*" if r.label == "stand-in" else "")
+    if result.tool_calls:
+        fn = result.tool_calls[0]["function"]
+        answer = f"{fn['name']}({fn['arguments']})"
+    else:
+        answer = json.dumps(result.content or "")[1:-1]
+    user = user if len(user) <= 32 else user[:31] + "…"
+    return f"{session:<8} {user:<34} {tier:<7} {r.input_tokens_raw:>7}>{r.input_tokens_sent:<7} {energy:>30}  {answer[:70]}\n"

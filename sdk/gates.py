@@ -1,0 +1,136 @@
+"""The local tier's gate: may a small model's answer stand, or must the step escalate?
+
+Three checks, cheapest first, each naming what failed:
+
+* structure: an empty answer, or one cut off at ``max_tokens``, never stands;
+* tool calls: the tool must be offered, ``tool_choice`` respected, and the arguments
+  must parse and validate against the tool's JSON schema (``jsonschema``);
+* confidence: a low quantile of the token probabilities, not their mean. Gupta et al.,
+  "Language Model Cascades: Token-Level Uncertainty and Beyond", show that the mean hides
+  the one or two tokens the model was unsure of (a wrong id in a tool call is one token),
+  while a low quantile of per-token probabilities is a better deferral signal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .tier import Completion
+from .types import Message, Step, content_text
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """``signal`` is the confidence (the token-probability quantile) whatever the verdict,
+    so the ledger can show how close a rejected answer came."""
+
+    accept: bool
+    signal: float
+    reason: str
+
+
+class Gate(Protocol):
+    def check(self, step: Step, completion: Completion) -> GateDecision: ...
+
+
+def probability_quantile(logprobs: tuple[float, ...] | list[float], q: float) -> float:
+    """The q-quantile of exp(logprob), linearly interpolated (numpy's default method)."""
+    if not logprobs:
+        raise ValueError("no token log-probabilities")
+    ps = sorted(math.exp(lp) for lp in logprobs)
+    pos = q * (len(ps) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ps) - 1)
+    return ps[lo] + (ps[hi] - ps[lo]) * (pos - lo)
+
+
+def tool_call_problem(step: Step, message: Message) -> str | None:
+    """Why the message's tool calls (or their absence) break the step's contract, or None."""
+    calls = message.get("tool_calls") or []
+    choice = step.tool_choice
+    if choice == "none" and calls:
+        return "tool call made although tool_choice is 'none'"
+    if choice == "required" and not calls:
+        return "no tool call although tool_choice is 'required'"
+    forced = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if forced and not calls:
+        return f"no tool call although tool_choice requires {forced!r}"
+    for call in calls:
+        fn = call.get("function") or {}
+        name = fn.get("name")
+        tool = step.tool(name) if isinstance(name, str) else None
+        if tool is None:
+            return f"tool call invalid: {name!r} is not an offered tool"
+        if forced and name != forced:
+            return f"tool call invalid: {name!r} called but tool_choice requires {forced!r}"
+        try:
+            args = json.loads(fn.get("arguments") or "{}")
+        except (TypeError, json.JSONDecodeError) as e:
+            return f"tool call invalid: arguments of {name!r} are not JSON ({e})"
+        if not isinstance(args, dict):
+            return f"tool call invalid: arguments of {name!r} are not an object"
+        problem = schema_problem(args, tool["function"].get("parameters") or {"type": "object"})
+        if problem:
+            return f"tool call invalid: {problem}"
+    return None
+
+
+def schema_problem(args: dict[str, Any], schema: dict[str, Any]) -> str | None:
+    """The first schema violation as ``arguments.<path> <what>``, or None."""
+    import jsonschema  # imported here: only gated tiers need it
+
+    cls = jsonschema.validators.validator_for(schema)
+    error = jsonschema.exceptions.best_match(cls(schema).iter_errors(args))
+    if error is None:
+        return None
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    if error.validator == "required":
+        missing = next(
+            (r for r in error.validator_value if isinstance(error.instance, dict) and r not in error.instance),
+            None,
+        )
+        if missing is not None:
+            return f"arguments{path}.{missing} missing"
+    return f"arguments{path}: {error.message}"
+
+
+@dataclass(frozen=True)
+class ConfidenceGate:
+    """Accepts an answer that is well formed, honours the tools contract, and whose
+    ``quantile``-th token probability reaches ``threshold``.
+
+    The defaults (10th percentile >= 0.5) reject an answer when more than one token in ten
+    was a coin flip or worse; tune them on held-out traffic, not on the replayed set.
+    """
+
+    quantile: float = 0.1
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.quantile <= 1:
+            raise ValueError(f"quantile must be in [0, 1], got {self.quantile}")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+    @property
+    def label(self) -> str:
+        return f"q{round(self.quantile * 100):02d}"
+
+    def check(self, step: Step, completion: Completion) -> GateDecision:
+        msg = completion.message
+        signal = probability_quantile(completion.token_logprobs, self.quantile) if completion.token_logprobs else 0.0
+        if completion.extra.get("finish_reason") == "length":
+            return GateDecision(False, signal, "hit max_tokens before finishing")
+        if not msg.get("tool_calls") and not content_text(msg.get("content")).strip():
+            return GateDecision(False, signal, "empty answer")
+        problem = tool_call_problem(step, msg)
+        if problem:
+            return GateDecision(False, signal, problem)
+        if not completion.token_logprobs:
+            return GateDecision(False, signal, "no token log-probabilities to judge confidence")
+        verdict = ">=" if signal >= self.threshold else "<"
+        reason = f"confidence {self.label}={signal:.2f} {verdict} {self.threshold:.2f}"
+        return GateDecision(signal >= self.threshold, signal, reason)

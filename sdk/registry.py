@@ -1,0 +1,90 @@
+"""Tier factories by name: the one place where concrete parts are wired together.
+
+A factory takes its tier's configuration section and the whole settings and returns a
+``Tier``. Built-in tiers import their parts lazily, so naming a tier costs nothing until
+a cascade is built. Third-party tiers register with ``register_tier`` or through the
+``milliwatt.tiers`` entry-point group (a callable with the same signature).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+from .config import Settings
+from .energy import CpuCoefficients
+from .errors import ConfigError
+from .tier import Tier
+
+TierFactory = Callable[[dict[str, Any], Settings], Tier]
+
+_FACTORIES: dict[str, TierFactory] = {}
+
+
+def register_tier(name: str, factory: TierFactory) -> None:
+    _FACTORIES[name] = factory
+
+
+def build_tier(name: str, settings: Settings) -> Tier:
+    factory = _FACTORIES.get(name) or _entry_point(name)
+    if factory is None:
+        known = sorted(set(_FACTORIES) | {ep.name for ep in entry_points(group="milliwatt.tiers")})
+        raise ConfigError(f"tiers: {name}", f"no tier registered under this name (known: {', '.join(known)})")
+    return factory(settings.section(name), settings)
+
+
+def _entry_point(name: str) -> TierFactory | None:
+    for ep in entry_points(group="milliwatt.tiers", name=name):
+        return ep.load()
+    return None
+
+
+def cpu_coefficients(settings: Settings) -> CpuCoefficients:
+    e = settings.energy
+    return CpuCoefficients(e.cpu_watts_low, e.cpu_watts_point, e.cpu_watts_high)
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def _rules(section: dict[str, Any], settings: Settings) -> Tier:
+    from milliwatt.rules import RulesTier
+
+    return RulesTier.from_settings({"cpu": cpu_coefficients(settings), **section})
+
+
+def _cache(section: dict[str, Any], settings: Settings) -> Tier:
+    from milliwatt.cache import CacheTier
+
+    return CacheTier.from_settings({"cpu": cpu_coefficients(settings), **section})
+
+
+def _local(section: dict[str, Any], settings: Settings) -> Tier:
+    from milliwatt.adapters.llama_cpp import LlamaCppBackend
+
+    from .gates import LocalGate
+    from .model_tier import ModelTier
+
+    section = dict(section)
+    tier_keys = {k: section.pop(k) for k in ("token_budget",) if k in section}
+    gate = LocalGate.from_settings({k: section.pop(k) for k in list(section) if k in LocalGate.SETTINGS})
+    backend = LlamaCppBackend.from_settings(section)
+    return ModelTier("local", backend, gate=gate, cpu=cpu_coefficients(settings), **tier_keys)
+
+
+def _remote(section: dict[str, Any], settings: Settings) -> Tier:
+    from milliwatt.adapters.litellm_backend import LiteLLMBackend
+
+    from .model_tier import ModelTier
+
+    section = {"model": settings.frontier_model, **section}
+    tier_keys = {k: section.pop(k) for k in ("token_budget",) if k in section}
+    backend = LiteLLMBackend.from_settings(section)
+    return ModelTier("remote", backend, gate=None, **tier_keys)
+
+
+register_tier("rules", _rules)
+register_tier("cache", _cache)
+register_tier("local", _local)
+register_tier("remote", _remote)

@@ -1,0 +1,256 @@
+"""The run report: what the cascade spent against the counterfactual "every step, untrimmed,
+sent to the frontier model", with ranges and the methods behind every energy figure.
+
+Everything is aggregated in SQL, so a ledger of millions of steps is summarised without
+loading it into Python, and the same queries run on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, case, func, select
+
+from milliwatt.ledger import ATTEMPTS, STEPS, LedgerError, open_existing
+from milliwatt.types import Energy, savings_factor
+
+_RANGE = ("low", "point", "high")
+
+
+def summarize(url_or_path: str | Path) -> dict[str, Any]:
+    """Aggregate a ledger (a SQLite path or any SQLAlchemy URL) into a JSON-ready dict.
+
+    Raises ``milliwatt.ledger.LedgerError`` naming the path if it is missing or not a ledger.
+    """
+    engine, where = open_existing(url_or_path)
+    try:
+        return _summarize(engine, where)
+    finally:
+        engine.dispose()
+
+
+def _sum(col: Any) -> Any:
+    return func.coalesce(func.sum(col), 0)
+
+
+def _range(prefix: str) -> list[Any]:
+    return [_sum(STEPS.c[f"{prefix}_wh_{k}"]).label(f"{prefix}_{k}") for k in _RANGE]
+
+
+def _summarize(engine: Engine, where: str) -> dict[str, Any]:
+    s = STEPS.c
+    with engine.connect() as conn:
+        totals = conn.execute(
+            select(
+                func.count().label("steps"),
+                func.count(s.session_id.distinct()).label("sessions"),
+                func.min(s.started_at).label("first"),
+                func.max(s.started_at).label("last"),
+                *_range("energy"),
+                *_range("baseline_energy"),
+                _sum(s.input_tokens_raw).label("input_raw"),
+                _sum(s.input_tokens_sent).label("input_sent"),
+                _sum(s.output_tokens).label("output"),
+                _sum(s.cost_usd).label("cost"),
+                _sum(s.baseline_cost_usd).label("baseline_cost"),
+                func.avg(s.latency_ms).label("latency_mean"),
+                func.max(s.latency_ms).label("latency_max"),
+            )
+        ).one()._mapping
+        n = totals["steps"]
+        by_tier = conn.execute(
+            select(s.tier, func.count(), *_range("energy")).group_by(s.tier).order_by(func.count().desc(), s.tier)
+        ).all()
+        a = ATTEMPTS.c
+        by_attempt_tier = conn.execute(
+            select(
+                a.tier,
+                func.count(),
+                *[_sum(case((a.outcome == o, 1), else_=0)) for o in ("answered", "passed", "error")],
+                *[_sum(a[f"energy_wh_{k}"]) for k in _RANGE],
+            ).group_by(a.tier).order_by(a.tier)
+        ).all()
+        methods = {
+            side: _methods(conn, s[f"{side}_method"], s[f"{side}_basis"])
+            for side in ("energy", "baseline_energy")
+        }
+        labels = conn.execute(
+            select(s.label, s.tier, func.count()).where(s.label.is_not(None)).group_by(s.label, s.tier).order_by(s.label, s.tier)
+        ).all()
+        baseline_models = conn.execute(select(s.baseline_model, func.count()).group_by(s.baseline_model)).all()
+        latency = {f"p{p}": _percentile(conn, s.latency_ms, n, p) for p in (50, 95)}
+
+    cascade = _energy(totals, "energy")
+    baseline = _energy(totals, "baseline_energy")
+    return {
+        "ledger": where,
+        "steps": n,
+        "sessions": totals["sessions"],
+        "first_started_at": totals["first"],
+        "last_started_at": totals["last"],
+        "tiers": {tier: count for tier, count, *_ in by_tier},
+        "energy_wh": {"cascade": _as_range(cascade), "baseline": _as_range(baseline)},
+        "energy_method": {
+            "cascade": methods["energy"],
+            "baseline": {**methods["baseline_energy"], "models": dict(baseline_models)},
+            "note": (
+                "cascade: the sum over steps of every tier attempt (passes included); "
+                "baseline: the same steps, untrimmed, each sent to the frontier model; "
+                "savings low = baseline low / cascade high, high = baseline high / cascade low"
+            ),
+        },
+        "savings_factor": savings_factor(baseline, cascade),
+        "tokens": {"input_raw": totals["input_raw"], "input_sent": totals["input_sent"], "output": totals["output"]},
+        "cost_usd": {"cascade": totals["cost"], "baseline": totals["baseline_cost"]},
+        "latency_ms": {**latency, "mean": totals["latency_mean"], "max": totals["latency_max"]},
+        "energy_by_tier": {
+            tier: {"steps": count, **dict(zip(_RANGE, wh))} for tier, count, *wh in by_tier
+        },
+        "attempts_by_tier": {
+            tier: {"attempts": count, "answered": ans, "passed": passed, "error": err, **dict(zip(_RANGE, wh))}
+            for tier, count, ans, passed, err, *wh in by_attempt_tier
+        },
+        "labels": _labels(labels),
+    }
+
+
+def _energy(row: Any, prefix: str) -> Energy:
+    low, point, high = (float(row[f"{prefix}_{k}"]) for k in _RANGE)
+    # Each row satisfies low <= point <= high, but the three sums are rounded separately;
+    # clamp the last-bit differences rather than reject a valid ledger.
+    point = max(point, low)
+    return Energy("mixed", low, point, max(high, point))
+
+
+def _as_range(e: Energy) -> dict[str, float]:
+    return {"low": e.low_wh, "point": e.point_wh, "high": e.high_wh}
+
+
+def _methods(conn: Any, method_col: Any, basis_col: Any) -> dict[str, Any]:
+    rows = conn.execute(select(method_col, func.count()).group_by(method_col).order_by(method_col)).all()
+    basis = conn.execute(select(basis_col).where(basis_col != "").distinct().order_by(basis_col)).scalars().all()
+    return {"methods": dict(rows), "basis": list(basis)}
+
+
+def _labels(rows: list[Any]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for label, tier, count in rows:
+        out.setdefault(label, {})[tier] = count
+    return out
+
+
+def _percentile(conn: Any, col: Any, n: int, p: int) -> float | None:
+    """Nearest-rank percentile: the smallest value with at least p% of the values at or below it."""
+    if n == 0:
+        return None
+    rank = max(1, math.ceil(p / 100 * n))
+    return conn.execute(select(col).order_by(col).limit(1).offset(rank - 1)).scalar()
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _wh(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2e}"
+
+
+def _factor(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:,.3g}x" if x < 1e4 else f"{x:,.0f}x"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        # First column left-aligned (names), the rest right-aligned (numbers).
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    return [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain-text report of ``summarize``'s result: ranges, methods and labels spelled out."""
+    s = summary
+    n = s["steps"]
+    out = [f"milliwatt ledger: {s['ledger']}"]
+    if n == 0:
+        return "\n".join([*out, "no steps logged"])
+    out += [
+        f"steps: {n} in {s['sessions']} session(s), {s['first_started_at']} .. {s['last_started_at']}",
+        "",
+        "Answered by tier",
+    ]
+    out += _table(
+        ["tier", "steps", "share", "Wh low", "Wh point", "Wh high"],
+        [
+            [t, str(v["steps"]), f"{100 * v['steps'] / n:.1f}%", *(_wh(v[k]) for k in _RANGE)]
+            for t, v in s["energy_by_tier"].items()
+        ],
+    )
+    out += ["", "Attempts by tier (energy spent in the tier, passes included)"]
+    out += _table(
+        ["tier", "attempts", "answered", "passed", "error", "Wh point"],
+        [
+            [t, *(str(v[k]) for k in ("attempts", "answered", "passed", "error")), _wh(v["point"])]
+            for t, v in s["attempts_by_tier"].items()
+        ],
+    )
+    e, f = s["energy_wh"], s["savings_factor"]
+    out += ["", "Energy (Wh)"]
+    out += _table(
+        ["", "low", "point", "high"],
+        [
+            ["cascade", *(_wh(e["cascade"][k]) for k in _RANGE)],
+            ["baseline (all frontier)", *(_wh(e["baseline"][k]) for k in _RANGE)],
+            ["savings factor", *(_factor(f[k]) for k in _RANGE)],
+        ],
+    )
+    tok, cost, lat = s["tokens"], s["cost_usd"], s["latency_ms"]
+    trimmed = 100 * (1 - tok["input_sent"] / tok["input_raw"]) if tok["input_raw"] else 0.0
+    out += [
+        "",
+        f"tokens: input {tok['input_raw']:,} raw -> {tok['input_sent']:,} sent ({trimmed:.1f}% trimmed), output {tok['output']:,}",
+        f"cost: cascade ${cost['cascade']:.4f}, baseline ${cost['baseline']:.4f}",
+        f"latency per step: p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, max {lat['max']:.1f} ms",
+        "",
+        "How the energy was obtained",
+    ]
+    m = s["energy_method"]
+    for side in ("cascade", "baseline"):
+        methods = ", ".join(f"{k} ({v} steps)" for k, v in m[side]["methods"].items())
+        out.append(f"  {side}: {methods}")
+        out += [f"    basis: {b}" for b in m[side]["basis"]]
+    models = ", ".join(f"{k} ({v} steps)" for k, v in m["baseline"]["models"].items())
+    out += [f"  baseline model: {models}", f"  {m['note']}"]
+    for label, tiers in s["labels"].items():
+        where = ", ".join(f"{t}: {c} steps" for t, c in tiers.items())
+        out.append(f"NOTE: steps answered by a tier labelled '{label}' ({where}); read their figures accordingly")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m milliwatt.report LEDGER [--json]``."""
+    parser = argparse.ArgumentParser(prog="python -m milliwatt.report", description=__doc__.split("\n")[0])
+    parser.add_argument("ledger", help="path to a SQLite ledger, or a SQLAlchemy URL")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+    try:
+        summary = summarize(args.ledger)
+    except LedgerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

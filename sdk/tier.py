@@ -1,0 +1,66 @@
+"""The two small seams of the cascade: a tier, and a model backend.
+
+A tier answers a step or passes on it. A model backend turns a step into a completion.
+The local and remote tiers are the same ``ModelTier`` over different backends and gates,
+so a new provider is one backend module and a new tier is one ``Tier`` subclass,
+registered in ``milliwatt.registry``; the cascade itself never changes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from .types import Message, Step, TierResult
+
+
+class Tier(ABC):
+    """One rung of the cascade.
+
+    ``token_budget`` is the most input tokens this tier may be sent; the cascade trims the
+    step to it before calling ``attempt`` (None: no trimming beyond the global budget).
+    """
+
+    name: str = "tier"
+    token_budget: int | None = None
+
+    @abstractmethod
+    async def attempt(self, step: Step) -> TierResult:
+        """Answer the step, or pass with the reason. Must not block the event loop."""
+
+    async def remember(self, step: Step, message: Message, answered_by: str) -> None:  # noqa: B027
+        """Called with the answer of a later (costlier) tier; the cache writes it back."""
+
+    async def aclose(self) -> None:  # noqa: B027
+        """Release models, files and connections."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A model backend's answer, with what the energy estimate and the gate need."""
+
+    message: Message
+    model: str
+    input_tokens: int
+    output_tokens: int
+    # Log-probabilities of the generated tokens that carry the decision (the gate's input).
+    token_logprobs: tuple[float, ...] = ()
+    # CPU seconds the backend measured for its own work (local backends); None for remote.
+    cpu_seconds: float | None = None
+    cost_usd: float = 0.0
+    # Where the answer came from when it is not the configured provider (e.g. "stand-in").
+    label: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class ModelBackend(ABC):
+    """A model that completes OpenAI-format steps (llama.cpp in-process, litellm remote)."""
+
+    model: str = ""
+
+    @abstractmethod
+    async def complete(self, step: Step) -> Completion:
+        """Complete the (already trimmed) step. Raise ``BackendError`` subclasses on failure."""
+
+    async def aclose(self) -> None:  # noqa: B027
+        """Release the model or connection pool."""

@@ -1,0 +1,379 @@
+"""The step types: what goes into a step, what each tier returns, what comes out.
+
+These are plain dataclasses so rules/, cache/ and adapters/ can share them without
+depending on each other. OpenAI-format messages stay plain dicts (what agent code
+already holds); ``Step.create`` validates them once, naming the bad field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import InvalidRequestError
+
+Message = dict[str, Any]
+TierName = str  # "rules", "cache", "local", "remote", or a registered plugin tier
+
+
+@dataclass(frozen=True)
+class Energy:
+    """Energy in watt-hours, with how it was obtained and a low/point/high range.
+
+    ``method`` is one of ``"cpu-time"`` (CPU seconds x watts per vCPU), ``"estimate"``
+    (a model of a remote deployment, e.g. EcoLogits), ``"measured"`` (a hardware counter),
+    ``"mixed"`` (a sum of several methods) or ``"none"`` (no work was done).
+    ``basis`` says which coefficients were used, so a figure can be re-derived.
+    """
+
+    method: str
+    low_wh: float
+    point_wh: float
+    high_wh: float
+    basis: str = ""
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.low_wh <= self.point_wh <= self.high_wh):
+            raise ValueError(
+                f"energy range must satisfy 0 <= low <= point <= high, got "
+                f"{self.low_wh}, {self.point_wh}, {self.high_wh}"
+            )
+
+    @classmethod
+    def zero(cls) -> Energy:
+        return cls("none", 0.0, 0.0, 0.0)
+
+    def __add__(self, other: Energy) -> Energy:
+        if self.method == "none":
+            return other
+        if other.method == "none":
+            return self
+        method = self.method if self.method == other.method else "mixed"
+        basis = self.basis if self.basis == other.basis else "; ".join(
+            b for b in dict.fromkeys((self.basis, other.basis)) if b
+        )
+        return Energy(
+            method,
+            self.low_wh + other.low_wh,
+            self.point_wh + other.point_wh,
+            self.high_wh + other.high_wh,
+            basis,
+        )
+
+    def as_dict(self) -> dict[str, float | str]:
+        return {
+            "method": self.method,
+            "low": self.low_wh,
+            "point": self.point_wh,
+            "high": self.high_wh,
+            "basis": self.basis,
+        }
+
+
+def savings_factor(baseline: Energy, cascade: Energy) -> dict[str, float | None]:
+    """The factor baseline / cascade as a range: low = base.low / casc.high, high = base.high / casc.low."""
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b > 0 else None
+
+    return {
+        "low": ratio(baseline.low_wh, cascade.high_wh),
+        "point": ratio(baseline.point_wh, cascade.point_wh),
+        "high": ratio(baseline.high_wh, cascade.low_wh),
+    }
+
+
+# --------------------------------------------------------------------------- the request
+
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+_OPTION_KEYS = {"temperature", "top_p", "max_tokens", "seed", "stop", "presence_penalty",
+                "frequency_penalty", "n", "logprobs", "top_logprobs", "parallel_tool_calls"}
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """Who is asking: used by rules (match on agent or tenant), the cache (tenant is part
+    of the scope, so no hit ever crosses tenants) and the ledger."""
+
+    session_id: str | None = None
+    run_id: str | None = None
+    tenant: str | None = None
+    agent: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One validated agent step: the OpenAI chat request the agent would have sent."""
+
+    messages: tuple[Message, ...]
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    meta: StepMeta = field(default_factory=StepMeta)
+
+    @classmethod
+    def create(
+        cls,
+        messages: Any,
+        *,
+        tools: Any = None,
+        tool_choice: Any = None,
+        response_format: Any = None,
+        options: dict[str, Any] | None = None,
+        meta: StepMeta | None = None,
+    ) -> Step:
+        """Validate an OpenAI-format request; raise ``InvalidRequestError`` naming the field."""
+        msgs = validate_messages(messages)
+        tls = validate_tools(tools)
+        names = {t["function"]["name"] for t in tls}
+        _validate_tool_choice(tool_choice, names)
+        if response_format is not None and not (
+            isinstance(response_format, dict) and isinstance(response_format.get("type"), str)
+        ):
+            raise InvalidRequestError("response_format", "must be an object with a string 'type'")
+        opts = dict(options or {})
+        unknown = sorted(set(opts) - _OPTION_KEYS)
+        if unknown:
+            raise InvalidRequestError(f"options.{unknown[0]}", f"unknown sampling option (known: {', '.join(sorted(_OPTION_KEYS))})")
+        return cls(tuple(msgs), tuple(tls), tool_choice, response_format, opts, meta or StepMeta())
+
+    # Conveniences the tiers all need.
+    @property
+    def last_user_text(self) -> str:
+        for m in reversed(self.messages):
+            if m["role"] == "user":
+                return content_text(m.get("content"))
+        return ""
+
+    @property
+    def system_text(self) -> str:
+        return "\n".join(content_text(m.get("content")) for m in self.messages if m["role"] in ("system", "developer"))
+
+    def tool(self, name: str) -> dict[str, Any] | None:
+        for t in self.tools:
+            if t["function"]["name"] == name:
+                return t
+        return None
+
+    def with_messages(self, messages: list[Message] | tuple[Message, ...]) -> Step:
+        return Step(tuple(messages), self.tools, self.tool_choice, self.response_format, self.options, self.meta)
+
+    def to_openai(self) -> dict[str, Any]:
+        """The request as OpenAI chat-completions keyword arguments."""
+        req: dict[str, Any] = {"messages": list(self.messages)}
+        if self.tools:
+            req["tools"] = list(self.tools)
+        if self.tool_choice is not None:
+            req["tool_choice"] = self.tool_choice
+        if self.response_format is not None:
+            req["response_format"] = self.response_format
+        req.update(self.options)
+        return req
+
+
+def content_text(content: Any) -> str:
+    """The text of a message content: a string, or the text parts of a content-part list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+def validate_messages(messages: Any) -> list[Message]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidRequestError("messages", "must be a non-empty list of message objects")
+    out: list[Message] = []
+    open_calls: dict[str, int] = {}
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidRequestError(where, f"must be an object, got {type(m).__name__}")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise InvalidRequestError(f"{where}.role", f"must be one of {sorted(_ROLES)}, got {role!r}")
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise InvalidRequestError(f"{where}.content", "must be a string, a list of content parts, or null")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise InvalidRequestError(f"{where}.content[{j}]", "must be an object with a string 'type'")
+        if role == "assistant":
+            calls = m.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise InvalidRequestError(f"{where}.tool_calls", "must be a list")
+            if content is None and not calls:
+                raise InvalidRequestError(f"{where}.content", "an assistant message needs content or tool_calls")
+            for j, call in enumerate(calls):
+                _validate_tool_call(call, f"{where}.tool_calls[{j}]")
+                open_calls[call["id"]] = i
+        elif role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise InvalidRequestError(f"{where}.tool_call_id", "a tool message needs the id of the call it answers")
+            if call_id not in open_calls:
+                raise InvalidRequestError(f"{where}.tool_call_id", f"{call_id!r} answers no earlier assistant tool call")
+        elif content is None:
+            raise InvalidRequestError(f"{where}.content", f"a {role} message needs content")
+        out.append(m)
+    return out
+
+
+def _validate_tool_call(call: Any, where: str) -> None:
+    if not isinstance(call, dict):
+        raise InvalidRequestError(where, "must be an object")
+    if not isinstance(call.get("id"), str) or not call["id"]:
+        raise InvalidRequestError(f"{where}.id", "must be a non-empty string")
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise InvalidRequestError(f"{where}.function.name", "must be a non-empty string")
+    args = fn.get("arguments")
+    if not isinstance(args, str):
+        raise InvalidRequestError(f"{where}.function.arguments", "must be a JSON string")
+    try:
+        json.loads(args or "{}")
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"{where}.function.arguments", f"is not valid JSON ({e.msg} at char {e.pos})") from None
+
+
+def validate_tools(tools: Any) -> list[dict[str, Any]]:
+    if tools is None:
+        return []
+    if not isinstance(tools, (list, tuple)):
+        raise InvalidRequestError("tools", "must be a list of tool objects")
+    seen: set[str] = set()
+    for i, t in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(t, dict) or t.get("type") != "function":
+            raise InvalidRequestError(f"{where}.type", "must be 'function'")
+        fn = t.get("function")
+        if not isinstance(fn, dict):
+            raise InvalidRequestError(f"{where}.function", "must be an object")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError(f"{where}.function.name", "must be a non-empty string")
+        if name in seen:
+            raise InvalidRequestError(f"{where}.function.name", f"duplicate tool name {name!r}")
+        seen.add(name)
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict) or params.get("type", "object") != "object":
+            raise InvalidRequestError(f"{where}.function.parameters", "must be a JSON schema of type 'object'")
+        if "properties" in params and not isinstance(params["properties"], dict):
+            raise InvalidRequestError(f"{where}.function.parameters.properties", "must be an object")
+    return list(tools)
+
+
+def _validate_tool_choice(choice: Any, names: set[str]) -> None:
+    if choice is None:
+        return
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise InvalidRequestError("tool_choice", f"must be 'auto', 'none', 'required' or a function object, got {choice!r}")
+        if choice == "required" and not names:
+            raise InvalidRequestError("tool_choice", "'required' needs at least one tool")
+        return
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise InvalidRequestError("tool_choice.function.name", "must name a function")
+    if name not in names:
+        raise InvalidRequestError("tool_choice.function.name", f"{name!r} is not one of the tools")
+
+
+# --------------------------------------------------------------------------- tier results
+
+Outcome = Literal["answered", "passed", "skipped", "error"]
+
+
+@dataclass(frozen=True)
+class TierResult:
+    """What one tier made of a step: an answer, or a pass with the reason.
+
+    ``signal`` is the number the tier decided on (rule id hit = 1.0, cache similarity,
+    local confidence); ``reason`` says in words why it answered or passed.
+    """
+
+    tier: TierName
+    message: Message | None
+    reason: str
+    energy: Energy
+    signal: float | None = None
+    model: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    label: str | None = None  # e.g. "stand-in" for the demo's loopback remote
+    cacheable: bool = True  # may this answer be written back to the cache?
+    skip_to: TierName | None = None  # a routing decision: pass straight to this tier
+
+    @property
+    def answered(self) -> bool:
+        return self.message is not None
+
+    @classmethod
+    def passed(cls, tier: TierName, reason: str, *, energy: Energy | None = None, **kw: Any) -> TierResult:
+        return cls(tier, None, reason, energy or Energy.zero(), **kw)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One tier's try at a step, as the ledger stores it."""
+
+    tier: TierName
+    outcome: Outcome
+    reason: str
+    signal: float | None
+    model: str | None
+    input_tokens: int
+    output_tokens: int
+    latency_s: float
+    energy: Energy
+    cost_usd: float
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Everything the ledger keeps about one step."""
+
+    step_id: str
+    started_at: float  # unix seconds
+    meta: StepMeta
+    tier: TierName
+    model: str | None
+    label: str | None
+    input_tokens_raw: int
+    input_tokens_sent: int
+    output_tokens: int
+    latency_s: float
+    energy: Energy
+    cost_usd: float
+    baseline_energy: Energy  # the untrimmed step sent to the frontier model
+    baseline_cost_usd: float
+    baseline_model: str
+    attempts: tuple[Attempt, ...]
+    request: dict[str, Any] = field(default_factory=dict, compare=False)
+    response: Message = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What ``Milliwatt.step`` returns: the OpenAI assistant message plus its record."""
+
+    message: Message
+    record: StepRecord
+
+    @property
+    def tier(self) -> TierName:
+        return self.record.tier
+
+    @property
+    def content(self) -> str | None:
+        return self.message.get("content")
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return list(self.message.get("tool_calls") or [])
