@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with milliwatt and everything it needs, offline models included.
+# Idempotent: a second run only checks. Needs Python 3.11+, a C/C++ compiler and cmake
+# (llama-cpp-python builds from source the first time, about 13 minutes on 2 cores; pip caches the wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "milliwatt needs Python 3.11 or newer")'
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install --quiet --upgrade pip
+fi
+
+# Without torch installed first, pip would pick a CUDA build of several GB for sentence-transformers.
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+fi
+
+.venv/bin/python -m pip install --quiet -e ".[test]"
+echo "milliwatt is set up in .venv"
