@@ -10,10 +10,9 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from ulid import ULID
-
 from .energy import RemoteEnergyModel
 from .errors import BackendError, NoTierAnswered, RemoteError
+from .ids import new_step_id
 from .pricing import cost_usd
 from .tier import Tier
 from .tokens import count_completion
@@ -107,7 +106,7 @@ class Cascade:
         for a in attempts:
             energy = energy + a.energy
         record = StepRecord(
-            step_id=str(ULID()),
+            step_id=new_step_id(started_at),
             started_at=started_at,
             meta=step.meta,
             tier=result.tier if result else "error",
@@ -115,7 +114,7 @@ class Cascade:
             label=result.label if result else None,
             input_tokens_raw=tokens_raw,
             input_tokens_sent=tokens_sent,
-            output_tokens=result.output_tokens or out_tokens if result else 0,
+            output_tokens=(result.output_tokens or out_tokens) if result else 0,
             latency_s=time.perf_counter() - t0,
             energy=energy,
             cost_usd=sum(a.cost_usd for a in attempts),

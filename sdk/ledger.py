@@ -42,28 +42,22 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
-from ulid import LaxMonotonicPolicy, ULIDGenerator
 
 from milliwatt.errors import MilliwattError
+from milliwatt.ids import new_step_id  # noqa: F401 - re-exported for callers of the ledger API
 from milliwatt.types import Attempt, Energy, StepRecord
 
 SCHEMA_VERSION = 1
 DEFAULT_URL = "sqlite:///milliwatt.db"
 
-# Same-millisecond ids increase monotonically, so ``ORDER BY id`` is creation order even for
-# concurrent steps; the lax policy draws fresh randomness instead of raising on overflow.
-_ids = ULIDGenerator(policy=LaxMonotonicPolicy())
-
-
-def new_step_id(at: float | None = None) -> str:
-    """A new step id: a 26-character ULID whose first 10 characters encode ``at`` (unix
-    seconds, default now) in milliseconds, so ids sort by time as plain strings."""
-    return str(_ids.generate(at))
-
 
 def iso_utc(unix_seconds: float) -> str:
     """Fixed-width ISO-8601 UTC with microseconds: sorts as text, and SQLite's ``date()`` reads it."""
     return datetime.fromtimestamp(unix_seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# "skipped": a routing decision sent the step past this tier without trying it.
+OUTCOMES = ("answered", "passed", "skipped", "error")
 
 
 class LedgerError(MilliwattError):
@@ -93,7 +87,7 @@ class StepRow(Base):
     run_id: Mapped[str | None] = _col(Text, "caller's run id (one agent run or replay)")
     tenant: Mapped[str | None] = _col(Text, "tenant the step ran for; cache hits never cross tenants")
     agent: Mapped[str | None] = _col(Text, "name of the agent that sent the step")
-    tier: Mapped[str] = _col(Text, "tier that answered: `rules`, `cache`, `local`, `remote` or a plugin tier", index=True)
+    tier: Mapped[str] = _col(Text, "tier that answered: `rules`, `cache`, `local`, `remote`, a plugin tier, or `error` if none did", index=True)
     model: Mapped[str | None] = _col(Text, "model that produced the answer (null for rules and cache)")
     label: Mapped[str | None] = _col(Text, "label of the answering tier, e.g. `stand-in` for a loopback stand-in of the remote model")
     input_tokens_raw: Mapped[int] = _col(Integer, "input tokens of the step as the agent sent it", "tokens")
@@ -120,12 +114,14 @@ class StepRow(Base):
 
 class AttemptRow(Base):
     __tablename__ = "attempts"
-    __table_args__ = (CheckConstraint("outcome IN ('answered', 'passed', 'error')", name="attempt_outcome"),)
+    __table_args__ = (CheckConstraint(f"outcome IN ({', '.join(repr(o) for o in OUTCOMES)})", name="attempt_outcome"),)
 
     step_id: Mapped[str] = _col(String(26), "the step (`steps.id`)", references="steps.id", primary_key=True)
     ordinal: Mapped[int] = _col(Integer, "position in the cascade for this step, from 0", primary_key=True)
     tier: Mapped[str] = _col(Text, "tier that made the attempt")
-    outcome: Mapped[str] = _col(Text, "`answered`, `passed` (a cheaper tier declined: see reason) or `error`")
+    outcome: Mapped[str] = _col(
+        Text, "`answered`; `passed` (the tier declined: see reason); `skipped` (routed past it); `error` (its backend failed)"
+    )
     reason: Mapped[str] = _col(Text, "why the tier answered or passed, in words")
     signal: Mapped[float | None] = _col(Float, "the number the tier decided on: rule hit 1.0, cache similarity, local confidence")
     model: Mapped[str | None] = _col(Text, "model the tier ran, if any")
@@ -411,6 +407,9 @@ class Ledger:
         self.close()
 
     def _put(self, record: StepRecord) -> None:
+        # Checked here so a wrong argument fails at the caller, not later in the writer thread.
+        if not isinstance(record, StepRecord):
+            raise TypeError(f"Ledger.write takes a StepRecord, got {type(record).__name__}")
         self._raise_if_failed()
         with self._lock:
             if self._closed:

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, case, func, select
 
-from milliwatt.ledger import ATTEMPTS, STEPS, LedgerError, open_existing
+from milliwatt.ledger import ATTEMPTS, OUTCOMES, STEPS, LedgerError, open_existing
 from milliwatt.types import Energy, savings_factor
 
 _RANGE = ("low", "point", "high")
@@ -70,9 +70,9 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         by_attempt_tier = conn.execute(
             select(
                 a.tier,
-                func.count(),
-                *[_sum(case((a.outcome == o, 1), else_=0)) for o in ("answered", "passed", "error")],
-                *[_sum(a[f"energy_wh_{k}"]) for k in _RANGE],
+                func.count().label("attempts"),
+                *[_sum(case((a.outcome == o, 1), else_=0)).label(o) for o in OUTCOMES],
+                *[_sum(a[f"energy_wh_{k}"]).label(k) for k in _RANGE],
             ).group_by(a.tier).order_by(a.tier)
         ).all()
         methods = {
@@ -112,8 +112,7 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
             tier: {"steps": count, **dict(zip(_RANGE, wh))} for tier, count, *wh in by_tier
         },
         "attempts_by_tier": {
-            tier: {"attempts": count, "answered": ans, "passed": passed, "error": err, **dict(zip(_RANGE, wh))}
-            for tier, count, ans, passed, err, *wh in by_attempt_tier
+            r.tier: {k: v for k, v in r._mapping.items() if k != "tier"} for r in by_attempt_tier
         },
         "labels": _labels(labels),
     }
@@ -167,6 +166,10 @@ def _factor(x: float | None) -> str:
     return "n/a" if x is None else f"{x:,.3g}x" if x < 1e4 else f"{x:,.0f}x"
 
 
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
@@ -198,9 +201,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
     out += ["", "Attempts by tier (energy spent in the tier, passes included)"]
     out += _table(
-        ["tier", "attempts", "answered", "passed", "error", "Wh point"],
+        ["tier", "attempts", *OUTCOMES, "Wh point"],
         [
-            [t, *(str(v[k]) for k in ("attempts", "answered", "passed", "error")), _wh(v["point"])]
+            [t, *(str(v[k]) for k in ("attempts", *OUTCOMES)), _wh(v["point"])]
             for t, v in s["attempts_by_tier"].items()
         ],
     )
@@ -226,14 +229,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     m = s["energy_method"]
     for side in ("cascade", "baseline"):
-        methods = ", ".join(f"{k} ({v} steps)" for k, v in m[side]["methods"].items())
-        out.append(f"  {side}: {methods}")
+        out.append(f"  {side}: " + ", ".join(f"{k} ({_steps(v)})" for k, v in m[side]["methods"].items()))
         out += [f"    basis: {b}" for b in m[side]["basis"]]
-    models = ", ".join(f"{k} ({v} steps)" for k, v in m["baseline"]["models"].items())
-    out += [f"  baseline model: {models}", f"  {m['note']}"]
+    out.append("  baseline model: " + ", ".join(f"{k} ({_steps(v)})" for k, v in m["baseline"]["models"].items()))
+    out += [f"  {part}" for part in m["note"].split("; ")]
     for label, tiers in s["labels"].items():
-        where = ", ".join(f"{t}: {c} steps" for t, c in tiers.items())
-        out.append(f"NOTE: steps answered by a tier labelled '{label}' ({where}); read their figures accordingly")
+        where = ", ".join(f"{t}: {_steps(c)}" for t, c in tiers.items())
+        out.append(f"NOTE: answered by a tier labelled '{label}' ({where}); read those figures accordingly")
     return "\n".join(out)
 
 
