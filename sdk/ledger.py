@@ -44,7 +44,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
 
 from milliwatt.errors import MilliwattError
-from milliwatt.ids import new_step_id  # noqa: F401 - re-exported for callers of the ledger API
 from milliwatt.types import Attempt, Energy, StepRecord
 
 SCHEMA_VERSION = 1

@@ -20,8 +20,8 @@ from milliwatt.ledger import (
     Ledger,
     LedgerError,
     ledger_schema_markdown,
-    new_step_id,
 )
+from milliwatt.ids import new_step_id
 from milliwatt.report import format_summary, main, summarize
 from milliwatt.types import Attempt, Energy, StepMeta, StepRecord
 
