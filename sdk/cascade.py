@@ -42,6 +42,7 @@ class Cascade:
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
         self.tiers = list(tiers)
+        self._names = set(names)
         self.frontier_model = frontier_model
         self.trimmer = trimmer or Trimmer()
         self.energy_model = energy_model or RemoteEnergyModel()
@@ -75,7 +76,9 @@ class Cascade:
             if result.answered:
                 answer, sent, answered_at = result, trimmed.tokens_after, index
                 break
-            skip_to = result.skip_to
+            # A route to a tier this cascade does not have is ignored, not obeyed: obeying
+            # it would skip every later tier and fail the step.
+            skip_to = result.skip_to if result.skip_to in self._names else None
         if answer is None:
             await self._log(step, started_at, t0, tokens_raw, 0, None, attempts)
             raise NoTierAnswered("every tier passed: " + "; ".join(f"{a.tier}: {a.reason}" for a in attempts))

@@ -23,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print the summary of a ledger")
     report.add_argument("ledger", help="a ledger file path or SQLAlchemy URL")
     report.add_argument("--json", action="store_true", help="print JSON instead of text")
+    rules = sub.add_parser("rules", help="work with rule packs")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_sub.add_parser("check", help="validate rule files; print every error with file and line")
+    check.add_argument("paths", nargs="*", help="rule files or folders (default: the bundled packs)")
     return p
 
 
@@ -41,6 +45,15 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = summarize(args.ledger)
             print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+        elif args.command == "rules":
+            from milliwatt.rules import check
+
+            errors = check(args.paths) if args.paths else check()
+            for err in errors:
+                print(err, file=sys.stderr)
+            if errors:
+                return 1
+            print("rule files are valid")
     except MilliwattError as e:
         print(f"milliwatt: error: {e}", file=sys.stderr)
         return 2

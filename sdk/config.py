@@ -94,6 +94,10 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), f"cannot parse: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), "must hold a mapping of settings")
+    # Rule packs named in a file are relative to that file, wherever the process runs.
+    rules = data.get("rules")
+    if isinstance(rules, dict) and isinstance(rules.get("packs"), list):
+        rules["packs"] = [str(path.parent / p) if isinstance(p, str) else p for p in rules["packs"]]
     return data
 
 

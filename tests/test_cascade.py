@@ -102,3 +102,11 @@ def test_cpu_energy_uses_the_per_vcpu_range():
     with timer.measure():
         sum(range(100000))
     assert timer.seconds > 0
+
+
+@pytest.mark.asyncio
+async def test_a_route_to_an_unknown_tier_is_ignored():
+    local = ScriptedTier("local", reply("local"))
+    async with Milliwatt([Router(), local]) as mw:
+        result = await mw.step(USER)
+    assert result.tier == "local"

@@ -1,0 +1,59 @@
+"""Configuration: errors name the file and key; environment overrides; relative rule packs."""
+
+import pytest
+
+from milliwatt import ConfigError, Milliwatt
+from milliwatt.cli import main
+from milliwatt.config import load_settings
+
+
+def test_defaults_run_the_four_tiers_offline():
+    s = load_settings()
+    assert s.tiers == ["rules", "cache", "local", "remote"]
+    assert s.frontier_model == "openai/gpt-4o"
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    cfg = tmp_path / "mw.yaml"
+    cfg.write_text("frontier_model: openai/gpt-4o\ntrim:\n  keep_tool_resluts: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert str(cfg) in str(err.value) and "trim.keep_tool_resluts" in str(err.value)
+
+
+def test_unparsable_file_and_missing_file(tmp_path):
+    bad = tmp_path / "mw.toml"
+    bad.write_text("tiers = [\n")
+    with pytest.raises(ConfigError, match="mw.toml: cannot parse"):
+        load_settings(bad)
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_settings(tmp_path / "absent.yaml")
+
+
+def test_unknown_tier_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="tiers: oracle"):
+        Milliwatt.from_config({"tiers": ["rules", "oracle"], "ledger": None})
+
+
+def test_environment_configures_the_remote_provider(monkeypatch):
+    monkeypatch.setenv("MILLIWATT_REMOTE_MODEL", "anthropic/claude-3-5-sonnet-20241022")
+    monkeypatch.setenv("MILLIWATT_LEDGER", "sqlite:///x.db")
+    s = load_settings({"remote": {"timeout_s": 5}})
+    assert s.remote == {"timeout_s": 5, "model": "anthropic/claude-3-5-sonnet-20241022"}
+    assert s.ledger == "sqlite:///x.db"
+
+
+def test_rule_packs_are_relative_to_the_config_file(tmp_path):
+    (tmp_path / "packs").mkdir()
+    cfg = tmp_path / "mw.yaml"
+    cfg.write_text("rules:\n  packs: [packs]\n")
+    assert load_settings(cfg).rules["packs"] == [str(tmp_path / "packs")]
+
+
+def test_rules_check_cli_reports_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pack: t\nrules:\n  - id: a\n    when: {regex: '(unclosed'}\n    reply: hi\n")
+    assert main(["rules", "check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:4" in err
+    assert main(["rules", "check"]) == 0
