@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from .energy import RemoteEnergyModel, cpu_energy
+from .energy import CpuCoefficients, RemoteEnergyModel, cpu_energy
 from .errors import BackendError
 from .gates import Gate
 from .tier import Completion, ModelBackend, Tier
@@ -29,6 +29,7 @@ class ModelTier(Tier):
         energy_model: str | None = None,
         remote_energy: RemoteEnergyModel | None = None,
         pass_on_error: bool | None = None,
+        cpu: CpuCoefficients | None = None,
     ) -> None:
         """``energy_model``: the model whose energy estimate is charged when the backend
         reports no CPU time (default: the backend's ``energy_model`` or ``model``).
@@ -40,6 +41,7 @@ class ModelTier(Tier):
         self.energy_model = energy_model or getattr(backend, "energy_model", None) or backend.model
         self.remote_energy = remote_energy or RemoteEnergyModel()
         self.pass_on_error = gate is not None if pass_on_error is None else pass_on_error
+        self.cpu = cpu or CpuCoefficients()
 
     async def attempt(self, step: Step) -> TierResult:
         t0 = time.perf_counter()
@@ -67,7 +69,7 @@ class ModelTier(Tier):
 
     def _energy(self, completion: Completion, latency_s: float) -> Energy:
         if completion.cpu_seconds is not None:
-            return cpu_energy(completion.cpu_seconds)
+            return cpu_energy(completion.cpu_seconds, self.cpu)
         return self.remote_energy.estimate(
             self.energy_model, completion.input_tokens, completion.output_tokens, latency_s
         )

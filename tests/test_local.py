@@ -1,0 +1,197 @@
+"""The local tier: SmolLM2 in-process through llama-cpp-python, and its gate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+
+import pytest
+from conftest_models import local_backend  # noqa: F401 - session fixture
+
+from milliwatt.adapters import LlamaCppBackend
+from milliwatt.adapters.tool_grammar import answer_schema, chat_messages, decision_mask
+from milliwatt.gates import ConfidenceGate, probability_quantile
+from milliwatt.model_tier import ModelTier
+from milliwatt.tier import Completion
+from milliwatt.types import Step
+
+GET_USER = {
+    "type": "function",
+    "function": {
+        "name": "get_user_details",
+        "description": "Get the details of a user.",
+        "parameters": {
+            "type": "object",
+            "properties": {"user_id": {"type": "string", "description": "The user id."}},
+            "required": ["user_id"],
+        },
+    },
+}
+
+
+def call(name: str, args: dict | str) -> dict:
+    arguments = args if isinstance(args, str) else json.dumps(args)
+    return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def completion(message: dict, logprobs: tuple[float, ...] = (-0.01,) * 5, finish: str = "stop") -> Completion:
+    return Completion(message, "m", 10, 5, token_logprobs=logprobs, cpu_seconds=0.1, extra={"finish_reason": finish})
+
+
+# ------------------------------------------------------------------ the real model
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_free_text_answer_has_logprobs_and_cpu_energy(local_backend: LlamaCppBackend) -> None:  # noqa: F811
+    step = Step.create([{"role": "user", "content": "Say hello in one short sentence."}])
+    tier = ModelTier("local", local_backend, gate=ConfidenceGate())
+    result = await tier.attempt(step)
+    assert result.energy.method == "cpu-time" and result.energy.point_wh > 0
+    assert result.input_tokens > 0 and result.output_tokens > 0
+    assert 0.0 <= result.signal <= 1.0
+    c = await local_backend.complete(step)
+    assert c.message["content"].strip()
+    assert c.cpu_seconds > 0
+    assert c.token_logprobs and all(lp <= 0 for lp in c.token_logprobs)
+    assert len(c.token_logprobs) == c.extra["generated_tokens"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_grammar_constrained_tool_call(local_backend: LlamaCppBackend) -> None:  # noqa: F811
+    step = Step.create(
+        [{"role": "system", "content": "You are an airline agent."}, {"role": "user", "content": "Look up user mia_li_3668"}],
+        tools=[GET_USER],
+    )
+    t0 = time.perf_counter()
+    c = await local_backend.complete(step)
+    print(f"tool-call extraction {time.perf_counter() - t0:.2f}s, cpu {c.cpu_seconds:.2f}s")
+    (tc,) = c.message["tool_calls"]
+    assert tc["id"].startswith("call_") and tc["function"]["name"] == "get_user_details"
+    assert json.loads(tc["function"]["arguments"]) == {"user_id": "mia_li_3668"}
+    # Only the decision tokens (branch key, tool name, argument value) are judged.
+    assert 0 < c.extra["decision_tokens"] == len(c.token_logprobs) < c.extra["generated_tokens"]
+    decision = ConfidenceGate().check(step, c)
+    assert "invalid" not in decision.reason
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_forced_tool_choice_has_no_reply_branch(local_backend: LlamaCppBackend) -> None:  # noqa: F811
+    step = Step.create(
+        [{"role": "system", "content": "You are an airline agent."}, {"role": "user", "content": "Look up user mia_li_3668"}],
+        tools=[GET_USER],
+        tool_choice={"type": "function", "function": {"name": "get_user_details"}},
+    )
+    assert "reply" not in json.dumps(answer_schema(step))
+    c = await local_backend.complete(step)
+    assert json.loads(c.message["tool_calls"][0]["function"]["arguments"]) == {"user_id": "mia_li_3668"}
+    # Without the reply branch there is no tool-or-text decision: the branch key is not judged.
+    assert c.extra["decision_tokens"] < c.extra["generated_tokens"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_concurrent_calls_are_serialised(local_backend: LlamaCppBackend) -> None:  # noqa: F811
+    steps = [Step.create([{"role": "user", "content": f"Count to {n}."}], options={"max_tokens": 8}) for n in (2, 3, 4)]
+    results = await asyncio.gather(*(local_backend.complete(s) for s in steps))
+    assert all(r.output_tokens > 0 and r.cpu_seconds > 0 for r in results)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_shared_prefix_is_reused(local_backend: LlamaCppBackend) -> None:  # noqa: F811
+    policy = " ".join(f"Rule {i}: verify the user's identity before touching reservation {i}." for i in range(70))
+    first = [{"role": "system", "content": f"You are a support agent. {policy}"}, {"role": "user", "content": "Hi."}]
+    second = first + [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Change my flight."}]
+    timings = []
+    for msgs in (first, second):
+        t0 = time.perf_counter()
+        c = await local_backend.complete(Step.create(msgs, options={"max_tokens": 4}))
+        timings.append((time.perf_counter() - t0, c.input_tokens))
+    print(f"prefix {timings[0][1]} tokens: first {timings[0][0]:.2f}s, second {timings[1][0]:.2f}s")
+    assert timings[0][1] > 900
+    assert timings[1][0] < timings[0][0] / 2
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_context_too_long_passes() -> None:
+    backend = LlamaCppBackend(n_ctx=256, n_threads=1)
+    tier = ModelTier("local", backend, gate=ConfidenceGate())
+    result = await tier.attempt(Step.create([{"role": "user", "content": "word " * 400}]))
+    await tier.aclose()
+    assert not result.answered and "context too long for local window" in result.reason
+
+
+# ------------------------------------------------------------------ the gate, with crafted completions
+
+STEP = Step.create([{"role": "user", "content": "Look up mia"}], tools=[GET_USER])
+
+
+def test_gate_accepts_valid_confident_call() -> None:
+    d = ConfidenceGate().check(STEP, completion({"role": "assistant", "content": None, "tool_calls": [call("get_user_details", {"user_id": "mia"})]}))
+    assert d.accept and d.reason.startswith("confidence q10=0.99 >=")
+
+
+@pytest.mark.parametrize(
+    ("tool_call", "reason"),
+    [
+        (call("get_user_details", {}), "tool call invalid: arguments.user_id missing"),
+        (call("get_user_details", {"user_id": 7}), "tool call invalid: arguments.user_id: 7 is not of type 'string'"),
+        (call("get_user_details", "{not json"), "tool call invalid: arguments of 'get_user_details' are not JSON"),
+        (call("delete_user", {"user_id": "mia"}), "tool call invalid: 'delete_user' is not an offered tool"),
+    ],
+)
+def test_gate_rejects_invalid_tool_calls(tool_call: dict, reason: str) -> None:
+    d = ConfidenceGate().check(STEP, completion({"role": "assistant", "content": None, "tool_calls": [tool_call]}))
+    assert not d.accept and d.reason.startswith(reason)
+
+
+def test_gate_respects_tool_choice() -> None:
+    text = completion({"role": "assistant", "content": "Sure."})
+    required = Step.create(STEP.messages, tools=[GET_USER], tool_choice="required")
+    assert ConfidenceGate().check(required, text).reason == "no tool call although tool_choice is 'required'"
+    none = Step.create(STEP.messages, tools=[GET_USER], tool_choice="none")
+    made = completion({"role": "assistant", "content": None, "tool_calls": [call("get_user_details", {"user_id": "x"})]})
+    assert not ConfidenceGate().check(none, made).accept
+
+
+def test_gate_rejects_low_confidence_empty_and_cut_off() -> None:
+    # Three unsure tokens in 22: the mean probability (0.88) would pass, the 10th percentile does not.
+    unsure = (math.log(0.99),) * 19 + (math.log(0.2),) * 3
+    d = ConfidenceGate(quantile=0.1, threshold=0.6).check(STEP, completion({"role": "assistant", "content": "ok"}, unsure))
+    assert not d.accept and d.reason.startswith("confidence q10=0.") and d.reason.endswith("< 0.60")
+    assert ConfidenceGate().check(STEP, completion({"role": "assistant", "content": "  "})).reason == "empty answer"
+    cut = completion({"role": "assistant", "content": "and then"}, finish="length")
+    assert ConfidenceGate().check(STEP, cut).reason == "hit max_tokens before finishing"
+
+
+def test_probability_quantile_interpolates() -> None:
+    lps = [math.log(p) for p in (0.1, 0.5, 0.9)]
+    assert probability_quantile(lps, 0.5) == pytest.approx(0.5)
+    assert probability_quantile(lps, 0.25) == pytest.approx(0.3)
+
+
+# ------------------------------------------------------------------ prompt and grammar plumbing
+
+
+def test_decision_mask_marks_values_and_branch_key() -> None:
+    text = '{"name": "get_user_details", "arguments": {"user_id": "mia", "n": 12}}'
+    chosen = "".join(c for c, m in zip(text, decision_mask(text, branch_key=True)) if m)
+    assert chosen == "nameget_user_detailsmia12"
+    assert "name" not in "".join(c for c, m in zip(text, decision_mask(text, branch_key=False)) if m)
+
+
+def test_history_renders_for_chatml_templates() -> None:
+    step = Step.create(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Look up mia"},
+            {"role": "assistant", "content": None, "tool_calls": [call("get_user_details", {"user_id": "mia"})]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"name": "Mia"}'},
+        ],
+        tools=[GET_USER],
+    )
+    msgs = chat_messages(step)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[0]["content"] == "Be brief.\n\nYou can call these tools:\n- get_user_details(user_id: string): Get the details of a user."
+    assert json.loads(msgs[2]["content"]) == {"name": "get_user_details", "arguments": {"user_id": "mia"}}
+    assert all(isinstance(m["content"], str) for m in msgs)
