@@ -65,9 +65,14 @@ class _TokenLogprobs:
     final stop token is never evaluated and so not recorded.
     """
 
+    # The closed choices (tool-or-text, which tool) come first in the answer, so only the
+    # distributions of the first tokens are kept for renormalising them.
+    KEEP_DISTRIBUTIONS = 48
+
     def __init__(self) -> None:
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.distributions: list[np.ndarray] = []
         self._prev: tuple[np.ndarray, float] | None = None
         self._seen = -1
 
@@ -77,6 +82,8 @@ class _TokenLogprobs:
             token = int(input_ids[-1])
             self.tokens.append(token)
             self.logprobs.append(float(logits[token] - lse))
+            if len(self.distributions) < self.KEEP_DISTRIBUTIONS:
+                self.distributions.append(logits)
         self._seen = len(input_ids)
         m = float(scores.max())
         self._prev = (scores.copy(), m + float(np.log(np.exp(scores - m).sum())))
@@ -117,6 +124,7 @@ class LlamaCppBackend(ModelBackend):
         self.chat_format = chat_format
         self.prefix_cache_mb = prefix_cache_mb
         self._llama: Any = None
+        self._vocab: dict[str, list[int]] | None = None
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -196,8 +204,9 @@ class LlamaCppBackend(ModelBackend):
         text = choice["message"].get("content") or ""
         logprobs = recorder.logprobs
         extra: dict[str, Any] = {"finish_reason": choice["finish_reason"], "generated_tokens": len(recorder.tokens)}
+        choices: list[float] = []
         if tools:
-            message, logprobs = self._tool_answer(llama, text, recorder, branch_key=tool_grammar.allows_reply(step))
+            message, logprobs, choices = self._tool_answer(llama, step, text, recorder, branch_key=tool_grammar.allows_reply(step))
             extra["decision_tokens"] = len(logprobs)
         else:
             message = {"role": "assistant", "content": text}
@@ -208,12 +217,16 @@ class LlamaCppBackend(ModelBackend):
             input_tokens=usage["prompt_tokens"],
             output_tokens=usage["completion_tokens"],
             token_logprobs=tuple(logprobs),
+            choice_logprobs=tuple(choices),
             cpu_seconds=timer.seconds,
             extra=extra,
         )
 
-    def _tool_answer(self, llama: Any, text: str, rec: _TokenLogprobs, *, branch_key: bool) -> tuple[dict, list[float]]:
-        """The grammar's JSON as a message, and the log-probabilities of its decision tokens.
+    def _tool_answer(
+        self, llama: Any, step: Step, text: str, rec: _TokenLogprobs, *, branch_key: bool
+    ) -> tuple[dict, list[float], list[float]]:
+        """The grammar's JSON as a message, the log-probabilities of its value tokens, and
+        the log-probability of each closed choice (tool or text; which tool).
 
         A cut-off JSON (max_tokens) cannot be parsed; it is returned as text so the gate
         rejects it for what it is (hit max_tokens) rather than the backend failing.
@@ -221,11 +234,64 @@ class LlamaCppBackend(ModelBackend):
         try:
             message = tool_grammar.parse_answer(text)
         except (ValueError, KeyError, TypeError):
-            return {"role": "assistant", "content": text}, rec.logprobs
+            return {"role": "assistant", "content": text}, rec.logprobs, []
         pieces = _token_pieces(llama, rec.tokens)
-        chosen = tool_grammar.decision_tokens(pieces, tool_grammar.decision_mask("".join(pieces), branch_key=branch_key))
-        # A call with nothing to choose (one forced tool, no arguments): judge every token.
-        return message, [rec.logprobs[k] for k in chosen] or rec.logprobs
+        joined = "".join(pieces)
+        chosen = tool_grammar.decision_tokens(pieces, tool_grammar.decision_mask(joined, branch_key=branch_key))
+        spans = tool_grammar.choice_spans(joined, tool_grammar.offered_tools(step), branch_key=branch_key)
+        # Tokens inside a closed choice are judged as one choice each (see choice_spans);
+        # the rest of the decision tokens (argument values) by their own probabilities.
+        choices = [0.0] * len(spans)
+        in_choice: set[int] = set()
+        vocab = self._vocab_index(llama) if spans else {}
+        pos = 0
+        for k, piece in enumerate(pieces):
+            for i, (start, end, candidates) in enumerate(spans):
+                if start <= pos < end and k < len(rec.distributions):
+                    allowed = tool_grammar.allowed_continuations(joined[start:pos], candidates)
+                    choices[i] += _choice_logprob(rec.distributions[k], piece, allowed, vocab)
+                    in_choice.add(k)
+            pos += len(piece)
+        values = [rec.logprobs[k] for k in chosen if k not in in_choice]
+        return message, values, choices
+
+    def _vocab_index(self, llama: Any) -> dict[str, list[int]]:
+        """Token ids by their text, built once per model (for renormalising closed choices)."""
+        if self._vocab is None:
+            index: dict[str, list[int]] = {}
+            for t in range(llama.n_vocab()):
+                piece = llama.detokenize([t]).decode("utf-8", errors="ignore")
+                if piece:
+                    index.setdefault(piece, []).append(t)
+            self._vocab = index
+        return self._vocab
+
+
+def _choice_logprob(logits: np.ndarray, piece: str, allowed: list[str], vocab: dict[str, list[int]]) -> float:
+    """Log-probability that the next token keeps to the candidates ``piece`` keeps to, among
+    all tokens the closed choice allows.
+
+    A candidate's text can be tokenised several ways ("_order" or "_" + "order"), so the
+    tokens are grouped by the candidates they are consistent with, not taken one by one:
+    once one candidate is left, every allowed token continues it and the step costs nothing.
+    """
+
+    def fits(token_text: str, rest: str) -> bool:
+        return rest.startswith(token_text) or token_text.startswith(rest)
+
+    ids_for: dict[int, list[int]] = {}
+    for i, rest in enumerate(allowed):
+        ids = {t for n in range(1, len(rest) + 1) for t in vocab.get(rest[:n], ())}
+        ids_for[i] = sorted(ids)
+    mine = {i for i, rest in enumerate(allowed) if fits(piece, rest)}
+    every = sorted({t for ids in ids_for.values() for t in ids})
+    if not every or not mine:
+        return 0.0  # nothing to choose between (or a token outside the span's grammar)
+    kept = sorted({t for i in mine for t in ids_for[i]})
+    m = float(logits[every].max())
+    total = m + np.log(np.exp(logits[every] - m).sum())
+    part = m + np.log(np.exp(logits[kept] - m).sum()) if kept else -np.inf
+    return float(part - total)
 
 
 def _prefix_cache(capacity_bytes: int) -> Any:

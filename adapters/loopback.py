@@ -38,14 +38,19 @@ class LoopbackServer:
         model_path: str | None = None,
         *,
         model_alias: str = "smollm2-loopback",
-        n_ctx: int = 2048,
+        n_ctx: int = 4096,
         n_threads: int | None = None,
+        chat_format: str | None = "milliwatt-chatml",
         start_timeout_s: float = 60.0,
     ) -> None:
+        """``chat_format``: agent traffic carries assistant tool calls and tool results, which
+        the default GGUF's own template cannot render; ``milliwatt-chatml`` (registered by
+        ``standin_server``) flattens them into ChatML, SmolLM2's format. None: the GGUF's."""
         self.model_path = model_path or default_gguf_path()
         self.model = model_alias
         self.n_ctx = n_ctx
         self.n_threads = n_threads
+        self.chat_format = chat_format
         self.start_timeout_s = start_timeout_s
         self.port = 0
         self._proc: asyncio.subprocess.Process | None = None
@@ -65,11 +70,13 @@ class LoopbackServer:
     async def start(self) -> None:
         self.port = free_port()
         args = [
-            sys.executable, "-m", "llama_cpp.server", "--model", self.model_path, "--model_alias", self.model,
+            sys.executable, "-m", "milliwatt.adapters.standin_server", "--model", self.model_path, "--model_alias", self.model,
             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx),
         ]  # fmt: skip
         if self.n_threads:
             args += ["--n_threads", str(self.n_threads)]
+        if self.chat_format:
+            args += ["--chat_format", self.chat_format]
         self._log = tempfile.TemporaryFile()
         self._proc = await asyncio.create_subprocess_exec(*args, stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + self.start_timeout_s

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterable
 from typing import Any
 
 from milliwatt.types import Message, Step, content_text
@@ -92,21 +93,27 @@ def chat_messages(step: Step) -> list[Message]:
 
     System and developer texts (and the tools text) are merged into one leading system
     message, so the long, stable part of an agent's prompt is a token prefix the KV cache
-    can reuse across steps. Earlier tool calls are rendered in the same JSON the grammar
-    produces, and tool results as user turns (ChatML templates know no "tool" role).
+    can reuse across steps.
     """
-    system = [step.system_text] if step.system_text else []
-    if tool_mode(step):
-        system.append(tools_prompt(step))
+    extra = [tools_prompt(step)] if tool_mode(step) else []
+    return flatten_messages(step.messages, extra)
+
+
+def flatten_messages(messages: Iterable[Message], system_extra: Iterable[str] = ()) -> list[Message]:
+    """OpenAI agent messages as plain role/content turns: earlier tool calls in the JSON the
+    grammar produces, tool results as user turns (ChatML templates know no "tool" role)."""
+    messages = list(messages)
+    system = [content_text(m.get("content")) for m in messages if m["role"] in ("system", "developer")]
+    system = [t for t in [*system, *system_extra] if t]
     out: list[Message] = [{"role": "system", "content": "\n\n".join(system)}] if system else []
-    for m in step.messages:
+    for m in messages:
         role = m["role"]
         if role in ("system", "developer"):
             continue
         text = content_text(m.get("content"))
         if role == "assistant":
             calls = [
-                json.dumps({"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"] or "{}")})
+                json.dumps({"name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments"))})
                 for c in m.get("tool_calls") or []
             ]
             text = "\n".join(p for p in [text, *calls] if p)
@@ -114,6 +121,13 @@ def chat_messages(step: Step) -> list[Message]:
             role, text = "user", f"Tool result: {text}"
         out.append({"role": role, "content": text})
     return out
+
+
+def _arguments(raw: str | None) -> Any:
+    try:
+        return json.loads(raw or "{}")
+    except json.JSONDecodeError:
+        return raw
 
 
 def parse_answer(text: str) -> Message:
@@ -182,3 +196,56 @@ def decision_tokens(pieces: list[str], text_mask: list[bool]) -> list[int]:
             out.append(k)
         pos += len(piece)
     return out
+
+
+def choice_spans(text: str, tools: list[dict[str, Any]], *, branch_key: bool) -> list[tuple[int, int, list[str]]]:
+    """Where the answer picks among a closed set: ``(start, end, candidates)`` character spans.
+
+    The grammar allows only a few strings at the first key ("name" or "reply", the
+    tool-or-text choice), the tool name, and top-level string enum arguments of the chosen
+    tool. There the model's raw probabilities mislead:
+    SmolLM2 puts most of its mass on prose, which the grammar forbids, so a correct choice
+    can look improbable. The confidence of a closed choice is its probability among the
+    allowed candidates, which ``LlamaCppBackend`` computes for the tokens in these spans.
+    """
+    spans: list[tuple[int, int, list[str]]] = []
+    key_open = text.find('"')
+    if key_open < 0:
+        return spans
+    key_close = text.find('"', key_open + 1)
+    if key_close < 0:
+        return spans
+    if branch_key:
+        spans.append((key_open + 1, key_close, ["name", "reply"]))
+    if text[key_open + 1 : key_close] != "name":
+        return spans
+    value = _string_after(text, key_close + 1)
+    if value is None:
+        return spans
+    spans.append((*value, [fn["name"] for fn in tools]))
+    chosen = next((fn for fn in tools if fn["name"] == text[value[0] : value[1]]), None)
+    properties = ((chosen or {}).get("parameters") or {}).get("properties") or {}
+    args_at = text.find('"arguments"', value[1])
+    for arg, schema in properties.items():
+        options = schema.get("enum") if isinstance(schema, dict) else None
+        if args_at < 0 or not options or not all(isinstance(o, str) for o in options):
+            continue
+        key_at = text.find(f'"{arg}"', args_at)
+        found = _string_after(text, key_at + len(arg) + 2) if key_at >= 0 else None
+        if found:
+            spans.append((*found, list(options)))
+    return spans
+
+
+def _string_after(text: str, pos: int) -> tuple[int, int] | None:
+    """The character span of the next JSON string's contents after ``pos`` (no escapes:
+    tool names and enum values have none)."""
+    start = text.find('"', pos)
+    end = text.find('"', start + 1) if start >= 0 else -1
+    return (start + 1, end) if end > start >= 0 else None
+
+
+def allowed_continuations(partial: str, candidates: list[str]) -> list[str]:
+    """The strings a token may start with after ``partial`` inside a closed-choice span:
+    what remains of each candidate that ``partial`` begins, closing quote included."""
+    return [f"{c}\""[len(partial) :] for c in candidates if c.startswith(partial)]

@@ -55,6 +55,7 @@ class Cascade:
         attempts: list[Attempt] = []
         skip_to: str | None = None
         answer: TierResult | None = None
+        asked: dict[str, Step] = {}  # the step as each tier was asked it, for write-back
         sent = 0
         for index, tier in enumerate(self.tiers):
             if skip_to is not None and tier.name != skip_to:
@@ -62,6 +63,7 @@ class Cascade:
                 continue
             skip_to = None
             trimmed = self.trimmer.trim(step, tier.token_budget, tokens_before=tokens_raw)
+            asked[tier.name] = trimmed.step
             a0 = time.perf_counter()
             try:
                 result = await tier.attempt(trimmed.step)
@@ -86,7 +88,8 @@ class Cascade:
         message = dict(answer.message or {})
         if answer.cacheable:
             for earlier in self.tiers[:answered_at]:
-                await earlier.remember(step, message, answer.tier)
+                if earlier.name in asked:  # a tier skipped by a route was not asked
+                    await earlier.remember(asked[earlier.name], message, answer.tier, model=answer.model)
         record = await self._log(step, started_at, t0, tokens_raw, sent, (answer, message), attempts)
         return StepResult(message, record)
 

@@ -129,8 +129,15 @@ class ConfidenceGate:
         problem = tool_call_problem(step, msg)
         if problem:
             return GateDecision(False, signal, problem)
-        if not completion.token_logprobs:
+        if not completion.token_logprobs and not completion.choice_logprobs:
             return GateDecision(False, signal, "no token log-probabilities to judge confidence")
-        verdict = ">=" if signal >= self.threshold else "<"
-        reason = f"confidence {self.label}={signal:.2f} {verdict} {self.threshold:.2f}"
-        return GateDecision(signal >= self.threshold, signal, reason)
+        # Each closed choice (tool or text, which tool) must pass on its own: one wrong
+        # choice makes the whole answer wrong, however sure the argument tokens are.
+        parts: list[tuple[str, float]] = []
+        if completion.choice_logprobs:
+            parts.append(("choice p", math.exp(min(completion.choice_logprobs))))
+        if completion.token_logprobs:
+            parts.append((f"confidence {self.label}", signal))
+        weakest = min(p for _, p in parts)
+        reason = ", ".join(f"{name}={p:.2f} {'>=' if p >= self.threshold else '<'} {self.threshold:.2f}" for name, p in parts)
+        return GateDecision(weakest >= self.threshold, weakest, reason)

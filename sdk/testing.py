@@ -38,7 +38,7 @@ class ScriptedTier(Tier):
             return TierResult.passed(self.name, "script passed", energy=energy)
         return TierResult(self.name, message, "script answered", energy, signal=1.0, model=f"scripted:{self.name}", cacheable=self.cacheable)
 
-    async def remember(self, step: Step, message: Message, answered_by: str) -> None:
+    async def remember(self, step: Step, message: Message, answered_by: str, *, model: str | None = None) -> None:
         self.remembered.append((step, message, answered_by))
 
     async def aclose(self) -> None:

@@ -28,8 +28,13 @@ class Tier(ABC):
     async def attempt(self, step: Step) -> TierResult:
         """Answer the step, or pass with the reason. Must not block the event loop."""
 
-    async def remember(self, step: Step, message: Message, answered_by: str) -> None:  # noqa: B027
-        """Called with the answer of a later (costlier) tier; the cache writes it back."""
+    async def remember(self, step: Step, message: Message, answered_by: str, *, model: str | None = None) -> None:  # noqa: B027
+        """Called with the answer of a later (costlier) tier; the cache writes it back.
+
+        ``step`` is the step as this tier was asked it (trimmed to its budget), so a
+        write-back is keyed exactly as the lookup before it. ``answered_by`` is the tier
+        name, ``model`` the model that produced the answer.
+        """
 
     async def aclose(self) -> None:  # noqa: B027
         """Release models, files and connections."""
@@ -45,6 +50,9 @@ class Completion:
     output_tokens: int
     # Log-probabilities of the generated tokens that carry the decision (the gate's input).
     token_logprobs: tuple[float, ...] = ()
+    # Log-probability of each closed choice the answer made (tool or text; which tool),
+    # among the options the grammar allowed. The gate requires each to pass on its own.
+    choice_logprobs: tuple[float, ...] = ()
     # CPU seconds the backend measured for its own work (local backends); None for remote.
     cpu_seconds: float | None = None
     cost_usd: float = 0.0

@@ -1,0 +1,76 @@
+"""Exact scope of a step: everything besides the question itself that changes the answer.
+
+Two steps may share a cached answer only when their scope keys are equal. The key is the
+sha256 of canonical JSON (sorted keys, no whitespace) of:
+
+* the system and developer messages, in order (the agent's instructions);
+* the tool schemas, sorted by function name (their order in the list does not change
+  which tool fits; their contents do);
+* ``tool_choice`` and ``response_format`` (they constrain the shape of the answer);
+* the tenant (``step.meta.tenant``): no hit ever crosses tenants;
+* the options that change what a correct answer looks like: ``max_tokens`` (a cap
+  truncates), ``stop`` and ``parallel_tool_calls``.
+
+Sampling options (temperature, top_p, penalties, seed) are deliberately left out: they
+change how varied answers are, not which answer is right, and keying on them would split
+one agent's cache by incidental settings. Steps that ask for variety are not cached at
+all (see ``uncacheable_reason``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from milliwatt.types import Step, content_text
+
+SCOPE_VERSION = "mw-cache-scope/1"  # bump when the key's contents change: old entries then never match
+_SCOPE_OPTIONS = ("max_tokens", "stop", "parallel_tool_calls")
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_hex(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+
+
+def scope_key(step: Step) -> str:
+    """The exact scope key (64 hex digits) of a step."""
+    instructions = [
+        [m["role"], content_text(m.get("content"))] for m in step.messages if m["role"] in ("system", "developer")
+    ]
+    tools = sorted(step.tools, key=lambda t: t["function"]["name"])
+    options = {k: step.options[k] for k in _SCOPE_OPTIONS if k in step.options}
+    return sha256_hex(
+        {
+            "v": SCOPE_VERSION,
+            "instructions": instructions,
+            "tools": tools,
+            "tool_choice": step.tool_choice,
+            "response_format": step.response_format,
+            "tenant": step.meta.tenant,
+            "options": options,
+        }
+    )
+
+
+def uncacheable_reason(step: Step) -> str | None:
+    """Why this step must neither be answered from nor written to the cache; None if it may."""
+    last = step.messages[-1]["role"]
+    if last not in ("user", "tool"):
+        return f"last message is {last}, not user or tool"
+    if not any(m["role"] == "user" for m in step.messages):
+        return "no user message"
+    opts = step.options
+    if (opts.get("n") or 1) > 1:
+        return f"n={opts['n']} asks for several answers"
+    if opts.get("logprobs"):
+        return "logprobs requested; a cached answer has none"
+    temperature = opts.get("temperature")
+    if temperature is not None and temperature > 0 and opts.get("seed") is None:
+        # The caller asked for varied samples; replaying one would defeat that.
+        return f"sampling requested (temperature {temperature}, no seed)"
+    return None
