@@ -124,11 +124,12 @@ TOOL_FUNCTIONS: dict[str, Callable[..., dict[str, Any]]] = {
 CONVERSATIONS: list[list[str]] = [
     ["Hi!", "Where is my order 48213?", "Thanks, that's all."],
     ["What is your return policy?"],
-    ["Hello", "What's your returns policy?"],
-    ["Can you look up my account? My user id is mia_li_3668."],
+    ["What's your returns policy?"],
+    ["Please cancel my order 51877, I ordered it by mistake."],
     ["What are your opening hours?"],
     ["I want to file a chargeback for my last order, and I will involve a lawyer."],
     ["How long does shipping take inside the EU?"],
+    ["How long does shipping take within the EU?"],
 ]
 
 MAX_STEPS_PER_TURN = 4  # an agent loop should bound its tool loop

@@ -32,6 +32,7 @@ def apply_offline_defaults() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "TIKTOKEN_CACHE_DIR" not in os.environ:
         tok_dir = litellm_tokenizers_dir()
         if tok_dir:

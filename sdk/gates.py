@@ -78,6 +78,29 @@ def tool_call_problem(step: Step, message: Message) -> str | None:
     return None
 
 
+def repeated_call(step: Step, message: Message) -> str | None:
+    """A tool call identical to one the conversation already made, or None.
+
+    Its result is already in the context, so repeating it is a loop, not progress. Small
+    models fall into it readily, and with high confidence (copying is what they do best),
+    so the confidence signal alone would let it through.
+    """
+    made = {_call_key(c) for m in step.messages if m["role"] == "assistant" for c in m.get("tool_calls") or []}
+    for call in message.get("tool_calls") or []:
+        if _call_key(call) in made:
+            return f"repeats the earlier call {call['function']['name']}({call['function'].get('arguments') or ''})"
+    return None
+
+
+def _call_key(call: dict[str, Any]) -> tuple[str, str]:
+    fn = call.get("function") or {}
+    try:
+        args = json.dumps(json.loads(fn.get("arguments") or "{}"), sort_keys=True)
+    except (TypeError, json.JSONDecodeError):
+        args = str(fn.get("arguments"))
+    return str(fn.get("name")), args
+
+
 def schema_problem(args: dict[str, Any], schema: dict[str, Any]) -> str | None:
     """The first schema violation as ``arguments.<path> <what>``, or None."""
     import jsonschema  # imported here: only gated tiers need it
@@ -126,7 +149,7 @@ class ConfidenceGate:
             return GateDecision(False, signal, "hit max_tokens before finishing")
         if not msg.get("tool_calls") and not content_text(msg.get("content")).strip():
             return GateDecision(False, signal, "empty answer")
-        problem = tool_call_problem(step, msg)
+        problem = tool_call_problem(step, msg) or repeated_call(step, msg)
         if problem:
             return GateDecision(False, signal, problem)
         if not completion.token_logprobs and not completion.choice_logprobs:

@@ -11,7 +11,7 @@ import pytest
 from conftest_models import local_backend  # noqa: F401 - session fixture
 
 from milliwatt.adapters import LlamaCppBackend
-from milliwatt.adapters.tool_grammar import answer_schema, chat_messages, decision_mask
+from milliwatt.adapters.tool_grammar import allowed_continuations, answer_schema, chat_messages, choice_spans, decision_mask
 from milliwatt.gates import ConfidenceGate, probability_quantile
 from milliwatt.model_tier import ModelTier
 from milliwatt.tier import Completion
@@ -195,3 +195,53 @@ def test_history_renders_for_chatml_templates() -> None:
     assert msgs[0]["content"] == "Be brief.\n\nYou can call these tools:\n- get_user_details(user_id: string): Get the details of a user."
     assert json.loads(msgs[2]["content"]) == {"name": "get_user_details", "arguments": {"user_id": "mia"}}
     assert all(isinstance(m["content"], str) for m in msgs)
+
+
+# ------------------------------------------------------------------ closed choices and loops
+
+
+def test_an_unsure_closed_choice_is_rejected_however_sure_the_values() -> None:
+    msg = {"role": "assistant", "content": None, "tool_calls": [call("get_user_details", {"user_id": "mia"})]}
+    coin_flip = Completion(msg, "m", 10, 5, token_logprobs=(-0.01,) * 5, choice_logprobs=(math.log(0.9), math.log(0.4)), cpu_seconds=0.1)
+    d = ConfidenceGate().check(STEP, coin_flip)
+    assert not d.accept and d.reason.startswith("choice p=0.40 < 0.50")
+    sure = Completion(msg, "m", 10, 5, token_logprobs=(-0.01,) * 5, choice_logprobs=(math.log(0.9),), cpu_seconds=0.1)
+    assert ConfidenceGate().check(STEP, sure).accept
+
+
+def test_a_repeated_call_is_a_loop_and_escalates() -> None:
+    earlier = call("get_user_details", {"user_id": "mia"})
+    step = Step.create(
+        [
+            {"role": "user", "content": "Look up mia"},
+            {"role": "assistant", "content": None, "tool_calls": [earlier]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"name": "Mia"}'},
+        ],
+        tools=[GET_USER],
+    )
+    again = completion({"role": "assistant", "content": None, "tool_calls": [call("get_user_details", '{"user_id":  "mia"}')]})
+    d = ConfidenceGate().check(step, again)
+    assert not d.accept and d.reason.startswith("repeats the earlier call get_user_details")
+
+
+def test_choice_spans_cover_branch_key_tool_name_and_enum_values() -> None:
+    cancel = {"name": "cancel", "parameters": {"type": "object", "properties": {"reason": {"type": "string", "enum": ["a", "bb"]}, "id": {"type": "string"}}}}
+    other = {"name": "lookup", "parameters": {"type": "object", "properties": {}}}
+    text = '{"name": "cancel", "arguments": {"id": "7", "reason": "bb"}}'
+    spans = choice_spans(text, [cancel, other], branch_key=True)
+    assert [(text[a:b], c) for a, b, c in spans] == [("name", ["name", "reply"]), ("cancel", ["cancel", "lookup"]), ("bb", ["a", "bb"])]
+    assert choice_spans('{"reply": "hi"}', [cancel], branch_key=True) == [(2, 7, ["name", "reply"])]
+    assert allowed_continuations("ca", ["cancel", "lookup"]) == ['ncel"']
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_tool_choice_is_judged_among_the_allowed_tools(local_backend: LlamaCppBackend) -> None:  # noqa: F811
+    step = Step.create(
+        [{"role": "system", "content": "You are an airline agent."}, {"role": "user", "content": "Look up user mia_li_3668"}],
+        tools=[GET_USER],
+    )
+    c = await local_backend.complete(step)
+    # Branch key and tool name, each a probability among the grammar's options.
+    assert len(c.choice_logprobs) == 2
+    # With one tool the name is no choice at all: every allowed token continues it.
+    assert c.choice_logprobs[1] == pytest.approx(0.0, abs=1e-6)
