@@ -48,13 +48,8 @@ class Milliwatt:
         settings = load_settings(config)
         if overrides:
             settings = settings.model_copy(update=overrides)
-        tiers: list[Tier] = []
-        try:
-            for name in settings.tiers:
-                tiers.append(build_tier(name, settings))
-        except BaseException:
-            _close_sync(tiers)
-            raise
+        # Tiers load their models on first use, so a failure here leaves nothing to release.
+        tiers = [build_tier(name, settings) for name in settings.tiers]
         ledger = None
         if settings.ledger:
             from .ledger import Ledger
@@ -121,13 +116,3 @@ class Milliwatt:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-
-def _close_sync(tiers: list[Tier]) -> None:
-    """Release tiers built before a later one failed to build (no event loop needed yet)."""
-    import asyncio
-
-    for t in tiers:
-        try:
-            asyncio.run(t.aclose())
-        except RuntimeError:  # already inside a running loop: nothing was loaded yet anyway
-            pass

@@ -70,9 +70,10 @@ class ModelTier(Tier):
     def _energy(self, completion: Completion, latency_s: float) -> Energy:
         if completion.cpu_seconds is not None:
             return cpu_energy(completion.cpu_seconds, self.cpu)
-        return self.remote_energy.estimate(
-            self.energy_model, completion.input_tokens, completion.output_tokens, latency_s
-        )
+        # A measured latency describes the model that answered; when the energy is charged
+        # for another model (a stand-in's), EcoLogits' own latency model for it applies.
+        measured = latency_s if self.energy_model == self.backend.model else None
+        return self.remote_energy.estimate(self.energy_model, completion.input_tokens, completion.output_tokens, measured)
 
     async def aclose(self) -> None:
         await self.backend.aclose()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from milliwatt import Milliwatt, NoTierAnswered, TierResult
+from milliwatt import Milliwatt, NoTierAnswered, RemoteUnavailable, TierResult
 from milliwatt.energy import CpuTimer, cpu_energy
 from milliwatt.testing import ScriptedTier
 from milliwatt.tier import Tier
@@ -110,3 +110,30 @@ async def test_a_route_to_an_unknown_tier_is_ignored():
     async with Milliwatt([Router(), local]) as mw:
         result = await mw.step(USER)
     assert result.tier == "local"
+
+
+class Down(Tier):
+    name = "remote"
+
+    async def attempt(self, step):
+        raise RemoteUnavailable("connection refused", backend="litellm", model="openai/gpt-4o")
+
+
+class Sink:
+    def __init__(self):
+        self.records = []
+
+    async def write(self, record):
+        self.records.append(record)
+
+
+@pytest.mark.asyncio
+async def test_a_failing_last_resort_is_logged_then_raised():
+    sink = Sink()
+    async with Milliwatt([ScriptedTier("local", never), Down()], ledger=sink) as mw:
+        with pytest.raises(RemoteUnavailable):
+            await mw.step(USER)
+    (rec,) = sink.records
+    assert rec.tier == "error"
+    assert [(a.tier, a.outcome) for a in rec.attempts] == [("local", "passed"), ("remote", "error")]
+    assert "RemoteUnavailable: connection refused" in rec.attempts[1].reason
