@@ -336,6 +336,20 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class Quality:
+    """How a step's answer compares with a reference (the frontier model's recorded answer,
+    or a ground truth). ``kind`` keeps exact measures and proxies apart: an exact measure
+    (a tool call JSON-equal to the reference, the right final number) is never averaged
+    with a proxy (text similarity) without saying so."""
+
+    metric: str  # e.g. "tool_call_match", "bfcl_ast", "gsm8k_final_number", "text_similarity"
+    kind: Literal["exact", "proxy"]
+    agrees: bool
+    score: float  # 1.0/0.0 for exact measures; the proxy's value otherwise
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class StepRecord:
     """Everything the ledger keeps about one step."""
 
@@ -357,6 +371,7 @@ class StepRecord:
     attempts: tuple[Attempt, ...]
     request: dict[str, Any] = field(default_factory=dict, compare=False)
     response: Message = field(default_factory=dict, compare=False)
+    quality: Quality | None = None  # set by replays, which know the reference answer
 
 
 @dataclass(frozen=True)
