@@ -25,7 +25,7 @@ from milliwatt.errors import (
     RemoteTimeout,
     RemoteUnavailable,
 )
-from milliwatt.tier import Completion, ModelBackend
+from milliwatt.tier import AbortCheck, Completion, ModelBackend
 from milliwatt.tokens import count_completion, count_request
 from milliwatt.types import Step
 
@@ -86,6 +86,10 @@ class LiteLLMBackend(ModelBackend):
         req = step.to_openai()
         req.update(self.extra)
         req.update(model=self.model, timeout=self.timeout_s, num_retries=0)
+        if step.meta.extra:
+            # litellm hands ``metadata`` to its callbacks and custom providers (providers'
+            # APIs get at most a user_id from it): the replay provider finds its answer by it.
+            req["metadata"] = dict(step.meta.extra)
         if self.api_base:
             req["api_base"] = self.api_base
         key = self.api_key or (os.environ.get(self.api_key_env) if self.api_key_env else None)
@@ -93,7 +97,7 @@ class LiteLLMBackend(ModelBackend):
             req["api_key"] = key
         return req
 
-    async def complete(self, step: Step) -> Completion:
+    async def complete(self, step: Step, *, abort: AbortCheck | None = None) -> Completion:
         import litellm
 
         # litellm prints "Give Feedback / Get Help" banners to stdout on every error; the

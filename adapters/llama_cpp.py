@@ -24,6 +24,7 @@ import asyncio
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from milliwatt.energy import CpuTimer
 from milliwatt.errors import BackendError, ConfigError
-from milliwatt.tier import Completion, ModelBackend
+from milliwatt.tier import AbortCheck, Completion, ModelBackend
 from milliwatt.types import Step
 
 from . import tool_grammar
@@ -161,21 +162,33 @@ class LlamaCppBackend(ModelBackend):
 
     # ------------------------------------------------------------------ completion
 
-    async def complete(self, step: Step) -> Completion:
+    async def complete(self, step: Step, *, abort: AbortCheck | None = None) -> Completion:
         async with self._lock:
             if self._llama is None:
                 self._llama = await asyncio.to_thread(self._load)
-            return await asyncio.to_thread(self._complete_sync, step)
+            return await asyncio.to_thread(self._complete_sync, step, abort)
 
-    def _complete_sync(self, step: Step) -> Completion:
+    def _complete_sync(self, step: Step, abort: AbortCheck | None) -> Completion:
         llama = self._llama
         opts = step.options
-        recorder = _TokenLogprobs()
         tools = tool_grammar.tool_mode(step)
+        max_tokens = min(opts.get("max_tokens") or self.max_tokens, self.max_tokens)
+        branch_key = tool_grammar.allows_reply(step)
+
+        def judged(tokens: list[int], logprobs: list[float]) -> list[float]:
+            """The log-probabilities the gate will judge: all of free text, the decision
+            tokens of a tool-mode answer (structural tokens are forced, not chosen)."""
+            if not tools:
+                return logprobs
+            pieces = _token_pieces(llama, tokens)
+            mask = tool_grammar.decision_mask("".join(pieces), branch_key=branch_key)
+            return [logprobs[k] for k in tool_grammar.decision_tokens(pieces, mask)]
+
+        recorder = _TokenLogprobs()
         kwargs: dict[str, Any] = {
             "messages": tool_grammar.chat_messages(step),
             "temperature": opts.get("temperature", 0.0),  # greedy unless the agent asks otherwise
-            "max_tokens": min(opts.get("max_tokens") or self.max_tokens, self.max_tokens),
+            "max_tokens": max_tokens,
             "logits_processor": [recorder],
         }
         for key in ("top_p", "stop", "presence_penalty", "frequency_penalty"):
@@ -192,7 +205,7 @@ class LlamaCppBackend(ModelBackend):
         timer = CpuTimer("process")
         try:
             with timer.measure():
-                response = llama.create_chat_completion(**kwargs)
+                text, finish, aborted = self._decode(llama, kwargs, recorder, judged, abort, max_tokens)
         except ValueError as e:
             if "exceed context window" in str(e):
                 raise BackendError(f"context too long for local window ({e})", backend="llama.cpp", model=self.model) from e
@@ -200,27 +213,58 @@ class LlamaCppBackend(ModelBackend):
         except RuntimeError as e:
             raise BackendError(f"llama.cpp failed: {e}", backend="llama.cpp", model=self.model) from e
 
-        choice = response["choices"][0]
-        text = choice["message"].get("content") or ""
         logprobs = recorder.logprobs
-        extra: dict[str, Any] = {"finish_reason": choice["finish_reason"], "generated_tokens": len(recorder.tokens)}
+        extra: dict[str, Any] = {"finish_reason": finish, "generated_tokens": len(recorder.tokens), "aborted": aborted}
         choices: list[float] = []
-        if tools:
-            message, logprobs, choices = self._tool_answer(llama, step, text, recorder, branch_key=tool_grammar.allows_reply(step))
+        if aborted:
+            message, logprobs = {"role": "assistant", "content": text}, judged(recorder.tokens, recorder.logprobs)
+        elif tools:
+            message, logprobs, choices = self._tool_answer(llama, step, text, recorder, branch_key=branch_key)
             extra["decision_tokens"] = len(logprobs)
         else:
             message = {"role": "assistant", "content": text}
-        usage = response["usage"]
+        # The recorder holds exactly the generated tokens that were evaluated; the last one
+        # sampled at max_tokens never is.
+        generated = len(recorder.tokens) + (1 if finish == "length" else 0)
         return Completion(
             message=message,
             model=self.model,
-            input_tokens=usage["prompt_tokens"],
-            output_tokens=usage["completion_tokens"],
+            input_tokens=max(llama.n_tokens - len(recorder.tokens), 0),
+            output_tokens=generated,
             token_logprobs=tuple(logprobs),
             choice_logprobs=tuple(choices),
             cpu_seconds=timer.seconds,
             extra=extra,
         )
+
+    @staticmethod
+    def _decode(
+        llama: Any,
+        kwargs: dict[str, Any],
+        recorder: _TokenLogprobs,
+        judged: Callable[[list[int], list[float]], list[float]],
+        abort: AbortCheck | None,
+        max_tokens: int,
+    ) -> tuple[str, str | None, bool]:
+        """Stream the answer; stop as soon as ``abort`` says it cannot pass the gate.
+
+        Streaming is the only way to stop early: llama-cpp-python's chat API takes no
+        stopping criteria, and an exception raised in a logits processor is swallowed by
+        the C callback. Closing the stream leaves the context consistent for prefix reuse.
+        """
+        parts: list[str] = []
+        finish: str | None = None
+        stream = llama.create_chat_completion(**kwargs, stream=True)
+        try:
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                parts.append(choice.get("delta", {}).get("content") or "")
+                finish = choice.get("finish_reason") or finish
+                if abort is not None and finish is None and abort(judged(recorder.tokens, recorder.logprobs), max_tokens):
+                    return "".join(parts), "aborted", True
+        finally:
+            stream.close()
+        return "".join(parts), finish, False
 
     def _tool_answer(
         self, llama: Any, step: Step, text: str, rec: _TokenLogprobs, *, branch_key: bool

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from .tier import Completion
@@ -34,6 +35,9 @@ class GateDecision:
 
 class Gate(Protocol):
     def check(self, step: Step, completion: Completion) -> GateDecision: ...
+
+    # Optional: ``hopeless(logprobs_so_far, max_tokens)`` lets a backend stop decoding an
+    # answer that can no longer pass (see ConfidenceGate.hopeless).
 
 
 def probability_quantile(logprobs: tuple[float, ...] | list[float], q: float) -> float:
@@ -142,9 +146,22 @@ class ConfidenceGate:
     def label(self) -> str:
         return f"q{round(self.quantile * 100):02d}"
 
+    def hopeless(self, logprobs: Sequence[float], max_tokens: int) -> bool:
+        """True once more tokens fell below the threshold than the quantile allows in an
+        answer of at most ``max_tokens``: however it goes on, the answer will be rejected,
+        so decoding the rest only burns CPU (seconds per step for a long answer)."""
+        low = sum(1 for lp in logprobs if lp < self._log_threshold)
+        return low > self.quantile * max_tokens
+
+    @property
+    def _log_threshold(self) -> float:
+        return math.log(self.threshold) if self.threshold > 0 else -math.inf
+
     def check(self, step: Step, completion: Completion) -> GateDecision:
         msg = completion.message
         signal = probability_quantile(completion.token_logprobs, self.quantile) if completion.token_logprobs else 0.0
+        if completion.extra.get("aborted"):
+            return GateDecision(False, signal, f"stopped early: too many tokens below p={self.threshold:.2f} to pass")
         if completion.extra.get("finish_reason") == "length":
             return GateDecision(False, signal, "hit max_tokens before finishing")
         if not msg.get("tool_calls") and not content_text(msg.get("content")).strip():

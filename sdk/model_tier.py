@@ -46,7 +46,7 @@ class ModelTier(Tier):
     async def attempt(self, step: Step) -> TierResult:
         t0 = time.perf_counter()
         try:
-            completion = await self.backend.complete(step)
+            completion = await self.backend.complete(step, abort=getattr(self.gate, "hopeless", None))
         except BackendError as e:
             if not self.pass_on_error:
                 raise

@@ -63,20 +63,31 @@ def _cache(section: dict[str, Any], settings: Settings) -> Tier:
 def _local(section: dict[str, Any], settings: Settings) -> Tier:
     from milliwatt.adapters.llama_cpp import LlamaCppBackend
 
+    from .futility import FutilityGuard
     from .gates import ConfidenceGate
     from .model_tier import ModelTier
 
     section = dict(section)
-    # Keys of the tier and its gate; the rest configure the backend, which rejects unknown ones.
+    # Keys of the tier, its gate and its guard; the rest configure the backend, which
+    # rejects unknown ones. ``futility: false`` turns the guard off.
     budget = section.pop("token_budget", 2048)
     gate_keys = {k: section.pop(k) for k in ("quantile", "threshold") if k in section}
-    return ModelTier(
+    futility = section.pop("futility", {})
+    tier: Tier = ModelTier(
         "local",
         LlamaCppBackend.from_settings(section),
         gate=ConfidenceGate(**gate_keys),
         token_budget=budget,
         cpu=cpu_coefficients(settings),
     )
+    if futility is False:
+        return tier
+    if not isinstance(futility, dict):
+        raise ConfigError("local.futility", "must be false or a mapping of window, min_answer_rate, probe_every")
+    try:
+        return FutilityGuard(tier, **futility)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("local.futility", str(e)) from None
 
 
 def _remote(section: dict[str, Any], settings: Settings) -> Tier:

@@ -9,6 +9,7 @@ registered in ``milliwatt.registry``; the cascade itself never changes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .types import Message, Step, TierResult
@@ -40,6 +41,9 @@ class Tier(ABC):
         """Release models, files and connections."""
 
 
+AbortCheck = Callable[[Sequence[float], int], bool]
+
+
 @dataclass(frozen=True)
 class Completion:
     """A model backend's answer, with what the energy estimate and the gate need."""
@@ -67,8 +71,13 @@ class ModelBackend(ABC):
     model: str = ""
 
     @abstractmethod
-    async def complete(self, step: Step) -> Completion:
-        """Complete the (already trimmed) step. Raise ``BackendError`` subclasses on failure."""
+    async def complete(self, step: Step, *, abort: AbortCheck | None = None) -> Completion:
+        """Complete the (already trimmed) step. Raise ``BackendError`` subclasses on failure.
+
+        ``abort(logprobs_so_far, max_tokens)``: a backend that decodes token by token may
+        stop early once it returns True (the answer can no longer pass the gate), and
+        then sets ``extra["aborted"] = True``. Backends that cannot, ignore it.
+        """
 
     async def aclose(self) -> None:  # noqa: B027
         """Release the model or connection pool."""

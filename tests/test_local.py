@@ -245,3 +245,26 @@ async def test_tool_choice_is_judged_among_the_allowed_tools(local_backend: Llam
     assert len(c.choice_logprobs) == 2
     # With one tool the name is no choice at all: every allowed token continues it.
     assert c.choice_logprobs[1] == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------ stopping early
+
+
+def test_hopeless_once_more_low_tokens_than_the_quantile_allows() -> None:
+    gate = ConfidenceGate(quantile=0.1, threshold=0.5)
+    low, high = math.log(0.1), math.log(0.9)
+    assert not gate.hopeless([low] * 12 + [high] * 50, max_tokens=128)  # 12 <= 12.8: could still pass
+    assert gate.hopeless([low] * 13, max_tokens=128)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_answer_that_cannot_pass_stops_early(local_backend: LlamaCppBackend) -> None:  # noqa: F811
+    gate = ConfidenceGate(quantile=0.1, threshold=0.9)  # strict: ordinary prose fails it fast
+    step = Step.create([{"role": "user", "content": "Write a long story about a dragon who learns to cook."}])
+    c = await local_backend.complete(step, abort=gate.hopeless)
+    assert c.extra["aborted"] and c.output_tokens < local_backend.max_tokens
+    decision = gate.check(step, c)
+    assert not decision.accept and decision.reason.startswith("stopped early")
+    # The context is still usable afterwards (the stream was closed cleanly).
+    again = await local_backend.complete(Step.create([{"role": "user", "content": "Say hi."}]))
+    assert again.message["content"]
