@@ -19,4 +19,10 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
 fi
 
 .venv/bin/python -m pip install --quiet -e ".[test]"
+
+# The HTML report's test renders the page in a real headless browser: Debian's chromium.
+# Installed only where we can (root, apt-get); elsewhere that test says it skipped and why.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
 echo "milliwatt is set up in .venv"

@@ -1,4 +1,4 @@
-"""The ``milliwatt`` command: ``demo`` (the main job) and ``report``."""
+"""The ``milliwatt`` command: ``demo`` (the main job), ``report``, ``replay`` and ``rules``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import sys
 
 from .errors import MilliwattError
+from .replay import add_arguments as replay_arguments
+from .replay import run as run_replay
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print the summary of a ledger")
     report.add_argument("ledger", help="a ledger file path or SQLAlchemy URL")
     report.add_argument("--json", action="store_true", help="print JSON instead of text")
+    replay_arguments(sub.add_parser("replay", help="replay recorded agent traffic through the cascade; judge each answer"))
     rules = sub.add_parser("rules", help="work with rule packs")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_sub.add_parser("check", help="validate rule files; print every error with file and line")
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = summarize(args.ledger)
             print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+        elif args.command == "replay":
+            return run_replay(args)
         elif args.command == "rules":
             from milliwatt.rules import check
 

@@ -2,7 +2,8 @@
 
 The schema is a public contract for analysts (as in simonw/llm): plain columns, JSON as TEXT
 so ``sqlite3`` and Datasette read it directly, every column documented in the models below and
-rendered into docs/ledger.md by ``ledger_schema_markdown()``.
+rendered into docs/ledger.md by ``ledger_schema_markdown()``. The schema changes only through
+the named Alembic migrations in ``milliwatt.migrations``; opening a ledger upgrades it.
 
 Writing never blocks the event loop: ``write`` only puts the record on a queue; one background
 thread owns the database and inserts queued records in batches, one transaction per batch. A
@@ -20,11 +21,17 @@ import threading
 from collections.abc import Iterable
 from concurrent.futures import Future
 from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     CheckConstraint,
+    Connection,
     Engine,
     Float,
     ForeignKey,
@@ -44,9 +51,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
 
 from milliwatt.errors import MilliwattError
-from milliwatt.types import Attempt, Energy, StepRecord
+from milliwatt.types import Attempt, Energy, Quality, StepRecord
 
+# Compatibility level in milliwatt_meta for milliwatt versions older than the migrations: they
+# read any ledger whose schema_version they know. Raised only by a migration such readers
+# could not survive (so far none: columns are only added).
 SCHEMA_VERSION = 1
+# Alembic's bookkeeping table, named so it cannot collide with an application's own history.
+VERSION_TABLE = "milliwatt_alembic_version"
 DEFAULT_URL = "sqlite:///milliwatt.db"
 
 
@@ -109,6 +121,14 @@ class StepRow(Base):
     request_json: Mapped[str] = _col(Text, "the OpenAI chat request as the agent sent it (messages, tools, options)", "JSON")
     response_json: Mapped[str] = _col(Text, "the OpenAI assistant message returned to the agent", "JSON")
     meta_json: Mapped[str] = _col(Text, "the caller's extra tags (`StepMeta.extra`)", "JSON")
+    # Quality against a reference answer (set by replays); all null when the step had none.
+    quality_metric: Mapped[str | None] = _col(
+        Text, "measure the answer was judged by: `tool_call_match`, `bfcl_ast`, `gsm8k_final_number` (exact), `text_token_f1` (proxy); null without a reference"
+    )
+    quality_kind: Mapped[str | None] = _col(Text, "`exact` (a match against the reference) or `proxy` (an approximation, reported apart)")
+    quality_agrees: Mapped[int | None] = _col(Integer, "1 if the answer agrees with the reference, else 0", "0/1")
+    quality_score: Mapped[float | None] = _col(Float, "1.0 or 0.0 for an exact measure; the proxy's value for a proxy")
+    quality_detail: Mapped[str | None] = _col(Text, "why the measure decided so, in words (e.g. the argument that differed)")
 
 
 class AttemptRow(Base):
@@ -151,7 +171,7 @@ META = MetaRow.__table__
 def ledger_schema_markdown() -> str:
     """The column tables of docs/ledger.md, generated from the models so the docs cannot drift."""
     dialect = sqlite_dialect.dialect()
-    out: list[str] = []
+    out: list[str] = [f"Revision `{head_revision()}`.", ""]
     for table in (STEPS, ATTEMPTS, META):
         out += [f"### `{table.name}`", "", "| column | type | unit | meaning |", "|---|---|---|---|"]
         for col in table.columns:
@@ -164,6 +184,88 @@ def ledger_schema_markdown() -> str:
             out += ["", "Indexes: " + "; ".join(indexes) + "."]
         out.append("")
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- migrations
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+# Ledgers made before the migrations existed carry schema_version 1 and no version table:
+# their schema is exactly this revision's, so they are stamped with it, then upgraded.
+UNVERSIONED_REVISION = "0001_initial"
+
+
+# Alembic runs a migration through module-level proxies (alembic.op, alembic.context), so
+# two threads of one process must not run migrations at the same time, even on two ledgers.
+_MIGRATING = threading.Lock()
+
+
+@cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory(str(MIGRATIONS))
+
+
+def head_revision() -> str:
+    """The newest ledger revision this milliwatt knows."""
+    head = _scripts().get_current_head()
+    assert head is not None, f"no migrations in {MIGRATIONS}"
+    return head
+
+
+def _check_schema_version(conn: Connection, where: str) -> None:
+    value = conn.execute(select(META.c.value).where(META.c.key == "schema_version")).scalar()
+    if value is None or not value.isdigit():
+        raise LedgerError(f"{where} is not a milliwatt ledger (no schema_version in {META.name})")
+    if int(value) > SCHEMA_VERSION:
+        raise LedgerError(
+            f"{where} has ledger schema version {value}; this milliwatt reads up to {SCHEMA_VERSION}: upgrade milliwatt"
+        )
+
+
+def ledger_revision(conn: Connection, where: str) -> str | None:
+    """The database's ledger revision, ``UNVERSIONED_REVISION`` for a ledger older than the
+    migrations, or None for a database holding no ledger. Raises ``LedgerError`` for a ledger
+    written by a newer milliwatt."""
+    tables = set(inspect(conn).get_table_names())
+    if META.name not in tables:
+        if VERSION_TABLE in tables:
+            raise LedgerError(f"{where} is not a milliwatt ledger (it has {VERSION_TABLE} but no {META.name} table)")
+        return None
+    _check_schema_version(conn, where)
+    if VERSION_TABLE not in tables:
+        return UNVERSIONED_REVISION
+    found = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    if found is None or found not in {s.revision for s in _scripts().walk_revisions()}:
+        raise LedgerError(
+            f"{where} is at ledger revision {found!r}, which this milliwatt does not know (its newest is "
+            f"{head_revision()!r}): the ledger was written by a newer milliwatt; upgrade milliwatt"
+        )
+    return found
+
+
+def upgrade_to_head(engine: Engine, where: str, *, create: bool) -> None:
+    """Bring the ledger to the head revision; with ``create``, make one in an empty database.
+
+    Checking costs one read when the ledger is current. An upgrade is one transaction, taken
+    with SQLite's write lock up front: it is applied whole or not at all, and two processes
+    opening the same old ledger upgrade it one after the other.
+    """
+    head = head_revision()
+    with engine.connect() as conn:
+        if ledger_revision(conn, where) == head:
+            return
+    with _MIGRATING, engine.connect().execution_options(sqlite_begin_immediate=True) as conn, conn.begin():
+        found = ledger_revision(conn, where)  # again, under the lock: another process may have upgraded it
+        if found == head:
+            return
+        if found is None and not create:
+            raise LedgerError(f"{where} is not a milliwatt ledger (it has no {META.name} table)")
+        # No alembic.ini: the configuration is built here, and env.py runs on this connection.
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = conn
+        if found is not None and not inspect(conn).has_table(VERSION_TABLE):
+            command.stamp(config, UNVERSIONED_REVISION)
+        command.upgrade(config, "head")
 
 
 # --------------------------------------------------------------------------- rows
@@ -207,6 +309,19 @@ def step_row(r: StepRecord) -> dict[str, Any]:
         "request_json": _json(r.request),
         "response_json": _json(r.response),
         "meta_json": _json(r.meta.extra),
+        **_quality_cols(r.quality),
+    }
+
+
+def _quality_cols(q: Quality | None) -> dict[str, Any]:
+    if q is None:
+        return dict.fromkeys(("quality_metric", "quality_kind", "quality_agrees", "quality_score", "quality_detail"))
+    return {
+        "quality_metric": q.metric,
+        "quality_kind": q.kind,
+        "quality_agrees": int(q.agrees),
+        "quality_score": q.score,
+        "quality_detail": q.detail,
     }
 
 
@@ -261,6 +376,9 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        # Transactions are begun below, not by the sqlite3 module, which begins none before
+        # DDL: so a migration is one transaction too.
+        dbapi_conn.isolation_level = None
         # WAL: readers (sqlite3, Datasette, the report) never block the writer or each other.
         # synchronous=NORMAL is durable against crashes of the process; a power cut may lose
         # the last transactions, an accepted trade for a log.
@@ -270,28 +388,17 @@ def make_engine(url: str) -> Engine:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get("sqlite_begin_immediate")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
     return engine
 
 
-def check_schema_version(engine: Engine, where: str) -> None:
-    """Raise ``LedgerError`` unless the database is a ledger this version of milliwatt reads."""
-    try:
-        if not inspect(engine).has_table(META.name):
-            raise LedgerError(f"{where} is not a milliwatt ledger (it has no {META.name} table)")
-        with engine.connect() as conn:
-            value = conn.execute(select(META.c.value).where(META.c.key == "schema_version")).scalar()
-    except DBAPIError as e:
-        raise LedgerError(f"{where} is not a milliwatt ledger: {e.orig}") from e
-    if value is None or not value.isdigit():
-        raise LedgerError(f"{where} is not a milliwatt ledger (no schema_version in {META.name})")
-    if int(value) > SCHEMA_VERSION:
-        raise LedgerError(
-            f"{where} has ledger schema version {value}; this milliwatt reads up to {SCHEMA_VERSION}: upgrade milliwatt"
-        )
-
-
 def open_existing(url_or_path: str | Path) -> tuple[Engine, str]:
-    """An engine on an existing ledger, checked, and its display name; never creates a file."""
+    """An engine on an existing ledger, upgraded to the head revision, and its display name;
+    never creates a file or a ledger."""
     url = to_url(url_or_path)
     where = display_name(url)
     u = make_url(url)
@@ -300,7 +407,10 @@ def open_existing(url_or_path: str | Path) -> tuple[Engine, str]:
             raise LedgerError(f"no ledger at {where}: the file does not exist")
     engine = make_engine(url)
     try:
-        check_schema_version(engine, where)
+        upgrade_to_head(engine, where, create=False)
+    except DBAPIError as e:
+        engine.dispose()
+        raise LedgerError(f"{where} is not a milliwatt ledger: {e.orig}") from e
     except BaseException:
         engine.dispose()
         raise
@@ -315,7 +425,8 @@ _STOP = object()
 class Ledger:
     """Where every step is logged. Share one instance between all concurrent agents.
 
-    ``url`` is any SQLAlchemy URL or a path to a SQLite file; tables are created if absent.
+    ``url`` is any SQLAlchemy URL or a path to a SQLite file. A new ledger is created, an
+    older one upgraded to the head revision (see ``upgrade_to_head``).
     ``batch_size`` caps the records inserted per transaction.
     """
 
@@ -325,7 +436,7 @@ class Ledger:
         self._batch_size = batch_size
         self._engine = make_engine(self.url)
         try:
-            self._create_schema()
+            upgrade_to_head(self._engine, self.where, create=True)
         except SQLAlchemyError as e:
             self._engine.dispose()
             raise LedgerError(f"cannot open the ledger at {self.where}: {getattr(e, 'orig', None) or e}") from e
@@ -346,14 +457,6 @@ class Ledger:
         # The thread is a daemon so a forgotten ledger cannot hang interpreter exit; closing at
         # exit drains what is queued instead of dropping it.
         atexit.register(self.close)
-
-    def _create_schema(self) -> None:
-        Base.metadata.create_all(self._engine)
-        with self._engine.begin() as conn:
-            found = conn.execute(select(META.c.value).where(META.c.key == "schema_version")).scalar()
-            if found is None:
-                conn.execute(insert(META).values(key="schema_version", value=str(SCHEMA_VERSION)))
-        check_schema_version(self._engine, self.where)
 
     # ----------------------------------------------------------------- writing
 
@@ -508,6 +611,8 @@ class Ledger:
             for s in steps:
                 for col in ("request_json", "response_json", "meta_json"):
                     s[col.removesuffix("_json")] = json.loads(s.pop(col))
+                if s["quality_agrees"] is not None:
+                    s["quality_agrees"] = bool(s["quality_agrees"])
                 s["attempts"] = []
             for a in conn.execute(attempts).mappings():
                 by_id[a["step_id"]]["attempts"].append(dict(a))

@@ -84,9 +84,22 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         ).all()
         baseline_models = conn.execute(select(s.baseline_model, func.count()).group_by(s.baseline_model)).all()
         latency = {f"p{p}": _percentile(conn, s.latency_ms, n, p) for p in (50, 95)}
+        latency_by_tier = conn.execute(
+            select(s.tier, func.avg(s.latency_ms), _sum(s.latency_ms)).group_by(s.tier).order_by(s.tier)
+        ).all()
+        judged = s.quality_kind.is_not(None)
+        quality_rows = conn.execute(
+            select(s.quality_kind, s.quality_metric, func.count(), _sum(s.quality_agrees), func.avg(s.quality_score))
+            .where(judged).group_by(s.quality_kind, s.quality_metric).order_by(s.quality_kind, s.quality_metric)
+        ).all()
+        quality_by_tier = conn.execute(
+            select(s.tier, func.count(), _sum(s.quality_agrees)).where(judged).group_by(s.tier).order_by(s.tier)
+        ).all()
 
     cascade = _energy(totals, "energy")
     baseline = _energy(totals, "baseline_energy")
+    quality = _quality(quality_rows, quality_by_tier)
+    useful = quality["agree"]
     return {
         "ledger": where,
         "steps": n,
@@ -108,6 +121,14 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         "tokens": {"input_raw": totals["input_raw"], "input_sent": totals["input_sent"], "output": totals["output"]},
         "cost_usd": {"cascade": totals["cost"], "baseline": totals["baseline_cost"]},
         "latency_ms": {**latency, "mean": totals["latency_mean"], "max": totals["latency_max"]},
+        "latency_ms_by_tier": {tier: {"mean": mean, "total": total} for tier, mean, total in latency_by_tier},
+        "quality": quality,
+        # Per step whose answer agrees with its reference. The baseline's needs the frontier's
+        # own quality, which only a replay knows (it fills it in).
+        "energy_per_useful_answer_wh": {
+            "cascade": {k: v / useful for k, v in _as_range(cascade).items()} if useful else None,
+            "baseline": None,
+        },
         "energy_by_tier": {
             tier: {"steps": count, **dict(zip(_RANGE, wh))} for tier, count, *wh in by_tier
         },
@@ -115,6 +136,40 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
             r.tier: {k: v for k, v in r._mapping.items() if k != "tier"} for r in by_attempt_tier
         },
         "labels": _labels(labels),
+    }
+
+
+def _share(agree: int, steps: int) -> float | None:
+    return agree / steps if steps else None
+
+
+def _quality(rows: list[Any], by_tier: list[Any]) -> dict[str, Any]:
+    """Agreement with the reference, exact measures and proxies apart (see milliwatt.quality).
+
+    ``cascade`` is the share of judged steps that agree under whichever measure judged them;
+    ``metric`` names every measure in it, so a proxy is never folded in unannounced.
+    ``baseline`` (the frontier's own quality) is None here: a replay sets it."""
+    parts: dict[str, dict[str, Any]] = {}
+    for kind in ("exact", "proxy"):
+        mine = [r for r in rows if r[0] == kind]
+        steps, agree = sum(r[2] for r in mine), sum(int(r[3]) for r in mine)
+        parts[kind] = {
+            "steps": steps,
+            "agree": agree,
+            "share": _share(agree, steps),
+            "baseline": None,
+            "metrics": {m: {"steps": c, "agree": int(a), "share": _share(int(a), c), "mean_score": sc} for _, m, c, a, sc in mine},
+        }
+    steps = parts["exact"]["steps"] + parts["proxy"]["steps"]
+    agree = parts["exact"]["agree"] + parts["proxy"]["agree"]
+    return {
+        "metric": " + ".join(f"{m} ({k})" for k, m, *_ in rows) or None,
+        "judged": steps,
+        "agree": agree,
+        "cascade": _share(agree, steps),
+        "baseline": None,
+        **parts,
+        "by_tier": {t: {"steps": c, "agree": int(a), "share": _share(int(a), c)} for t, c, a in by_tier},
     }
 
 
@@ -180,6 +235,35 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * w for w in widths]), *map(line, rows)]
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _quality_lines(s: dict[str, Any]) -> list[str]:
+    q = s.get("quality") or {}
+    if not q.get("judged"):
+        return []
+    out = ["", f"Quality against the reference ({q['judged']} judged steps): {q['metric']}"]
+    rows = [["all judged", str(q["judged"]), _pct(q["cascade"]), _pct(q["baseline"])]]
+    for kind in ("exact", "proxy"):
+        part = q[kind]
+        if part["steps"]:
+            rows.append([kind + (" (reported apart)" if kind == "proxy" else ""), str(part["steps"]),
+                         _pct(part["share"]), _pct(part["baseline"])])  # fmt: skip
+            rows += [[f"  {m}", str(v["steps"]), _pct(v["share"]), ""] for m, v in part["metrics"].items()]
+    out += _table(["measure", "steps", "cascade agrees", "baseline agrees"], rows)
+    out.append("agreement by answering tier: " + ", ".join(
+        f"{t} {_pct(v['share'])} of {v['steps']}" for t, v in q["by_tier"].items()
+    ))  # fmt: skip
+    if q.get("baseline_recorded") is not None:
+        out.append(f"baseline as graded by the data set itself: {_pct(q['baseline_recorded'])}")
+    per = s["energy_per_useful_answer_wh"]
+    for side in ("cascade", "baseline"):
+        if per[side]:
+            out.append(f"energy per useful answer, {side}: " + " / ".join(_wh(per[side][k]) for k in _RANGE) + " Wh (low / point / high)")
+    return out
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text report of ``summarize``'s result: ranges, methods and labels spelled out."""
     s = summary
@@ -217,6 +301,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             ["savings factor", *(_factor(f[k]) for k in _RANGE)],
         ],
     )
+    out += _quality_lines(s)
     tok, cost, lat = s["tokens"], s["cost_usd"], s["latency_ms"]
     trimmed = 100 * (1 - tok["input_sent"] / tok["input_raw"]) if tok["input_raw"] else 0.0
     out += [

@@ -23,7 +23,7 @@ from milliwatt.ledger import (
 )
 from milliwatt.ids import new_step_id
 from milliwatt.report import format_summary, main, summarize
-from milliwatt.types import Attempt, Energy, StepMeta, StepRecord
+from milliwatt.types import Attempt, Energy, Quality, StepMeta, StepRecord
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "ledger.md"
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -392,3 +392,23 @@ def test_docs_queries_run(run_db: Path) -> None:
         rows(run_db, q)  # raises on any error
     per_day = rows(run_db, queries[0])
     assert {r[0] for r in per_day} == {"2026-01-01", "2026-01-02"}
+
+
+def test_docs_quality_query(tmp_path: Path) -> None:
+    [query] = [q for q in re.findall(r"```sql\n(.*?)```", DOCS.read_text(), re.S) if "quality_kind" in q]
+    db = tmp_path / "l.db"
+    judged = [
+        ("local", Quality("tool_call_match", "exact", True, 1.0)),
+        ("local", Quality("tool_call_match", "exact", False, 0.0, "argument user_id differs")),
+        ("remote", Quality("tool_call_match", "exact", True, 1.0)),
+        ("cache", Quality("text_token_f1", "proxy", True, 0.9)),
+        ("rules", None),  # no reference: not counted
+    ]
+    with Ledger(db) as ledger:
+        for i, (tier, q) in enumerate(judged):
+            ledger.write_sync(record(at=T0 + i, tier=tier, quality=q, energy=cpu(0.1, 0.2, 0.3)))
+    assert rows(db, query) == [
+        ("local", "exact", "tool_call_match", 2, 1, 0.5, 0.5, pytest.approx(0.4)),
+        ("remote", "exact", "tool_call_match", 1, 1, 1.0, 1.0, pytest.approx(0.2)),
+        ("cache", "proxy", "text_token_f1", 1, 1, 1.0, 0.9, pytest.approx(0.2)),
+    ]

@@ -1,0 +1,235 @@
+"""`milliwatt replay`: the importers, bad input stopped before any step runs, the replay
+provider behind the real litellm path, and a small replay through the real cascade."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from milliwatt.cli import main
+from milliwatt.errors import RemoteBadRequest
+from milliwatt.importers import TraceError, detect_format, load_trace
+from milliwatt.types import Step, StepMeta
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SUPPORT = FIXTURES / "support_trace.jsonl"
+
+
+# --------------------------------------------------------------------------- importers
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [("tau_mini.json", "tau"), ("bfcl_mini.jsonl", "bfcl"), ("gsm8k_mini.csv", "gsm8k"), ("support_trace.jsonl", "trace")],
+)
+def test_format_is_detected_from_content(name, fmt):
+    assert detect_format(FIXTURES / name) == fmt
+
+
+def test_tau_steps_run_trial_by_trial_with_export_quirks_normalised():
+    trace = load_trace(FIXTURES / "tau_mini.json", tools=FIXTURES / "tau_tools.json")
+    # The file lists trial 1 first; replays take every task of trial 0, then trial 1.
+    assert [s.id for s in trace.steps] == [
+        "tau-trial0-task0-m2", "tau-trial0-task0-m4", "tau-trial0-task0-m6",
+        "tau-trial0-task1-m2", "tau-trial0-task1-m4", "tau-trial0-task1-m6",
+        "tau-trial1-task0-m2", "tau-trial1-task0-m4", "tau-trial1-task0-m6",
+    ]  # fmt: skip
+    quirky = trace.steps[7]  # tool_calls as a Python repr string and content 'None'
+    assert quirky.answer["content"] is None
+    assert quirky.answer["tool_calls"][0]["function"] == {"name": "get_user_details", "arguments": '{"user_id": "mia_li_3668"}'}
+    assert quirky.reference == {"kind": "tool_call", "calls": [{"name": "get_user_details", "arguments": {"user_id": "mia_li_3668"}}]}
+    assert [m["role"] for m in quirky.messages] == ["system", "user", "assistant", "user"]
+    last = trace.steps[8]
+    assert last.messages[-1]["role"] == "tool" and last.reference["kind"] == "text"
+    assert {(s.model, s.label, s.session) for s in trace.steps[6:]} == {("gpt-4o", "replay", "tau/trial1/task0")}
+    assert len(trace.steps[0].tools) == 2
+
+
+def test_bfcl_schemas_become_json_schema_and_the_oracle_answers_the_ground_truth():
+    steps = load_trace(FIXTURES / "bfcl_mini.jsonl").steps  # answers found next to the file
+    params = steps[1].tools[0]["function"]["parameters"]
+    assert params["type"] == "object" and params["properties"]["budget"]["type"] == "object"
+    assert "type" not in params["properties"]["anything"]  # BFCL's "any"
+    assert steps[0].tools[0]["function"]["parameters"]["properties"]["height"]["type"] == "number"
+    args = [json.loads(s.answer["tool_calls"][0]["function"]["arguments"]) for s in steps]
+    # First acceptable value of each argument; "" first means the argument may be left out.
+    assert args == [{"base": 10, "height": 5.0}, {"location": "Austin, TX", "budget": {"min": 300000, "max": 400000}}]
+    assert {(s.label, s.model) for s in steps} == {("oracle", "gpt-4o")}
+    assert steps[0].reference["kind"] == "bfcl"
+
+
+def test_gsm8k_rows_become_one_user_turn_with_the_strong_models_answer():
+    steps = load_trace(FIXTURES / "gsm8k_mini.csv").steps
+    assert [s.id for s in steps] == ["gsm8k-0", "gsm8k-1", "gsm8k-2"]
+    assert steps[1].messages == [{"role": "user", "content": "A car costs $1,000 per month. What does it cost over a year?"}]
+    assert steps[1].answer["content"].endswith("$12,000.00.") and steps[1].model == "gpt-4-1106-preview"
+    assert steps[1].reference == {"kind": "gsm8k", "answer": "12,000", "recorded_correct": False}
+
+
+def test_a_saved_trace_reads_back_as_the_same_steps(tmp_path):
+    from milliwatt.replay import write_trace
+
+    steps = load_trace(FIXTURES / "tau_mini.json", tools=FIXTURES / "tau_tools.json").steps
+    write_trace(steps, tmp_path / "t.jsonl")
+    assert load_trace(tmp_path / "t.jsonl").steps == steps
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
+def test_the_shared_workloads_import_whole():
+    tau = load_trace(SHARED / "tau_airline" / "trajectories.json", tools=SHARED / "tau_airline" / "tools.json")
+    assert len(tau.steps) == 1381 and tau.steps[0].session == "tau/trial0/task0" and tau.steps[-1].session == "tau/trial3/task24"
+    assert len(load_trace(SHARED / "bfcl" / "simple_python.jsonl").steps) == 400
+    assert len(load_trace(SHARED / "gsm8k" / "paired.csv").steps) == 660
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _lines(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _good() -> dict:
+    return json.loads(SUPPORT.read_text().splitlines()[0])
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([_good(), {**_good(), "id": "x2", "answer": None}], "line 2 (id x2): has no recorded answer"),
+        ([{**_good(), "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}],
+         "line 1 (id s1-1): tools[0].function.parameters: must be a JSON schema of type 'object'"),
+        ([{**_good(), "answer": {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}}],
+         "line 1 (id s1-1): answer.tool_calls[0].function.arguments: is not valid JSON"),
+        ([{**_good(), "reference": {"kind": "vibes"}}], "line 1 (id s1-1): reference: 'kind' must be one of"),
+        ([_good(), _good()], "line 2 (id s1-1): duplicate step id"),
+    ],
+)  # fmt: skip
+def test_bad_trace_records_are_named(tmp_path, records, message):
+    path = _lines(tmp_path / "bad.jsonl", records)
+    with pytest.raises(TraceError) as err:
+        load_trace(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+
+
+def test_a_file_in_no_format_is_refused(tmp_path):
+    path = tmp_path / "notes.json"
+    path.write_text('{"hello": "world"}')
+    with pytest.raises(TraceError, match=r"notes.json: is in none of the replay formats"):
+        load_trace(path)
+
+
+def test_tau_tools_that_do_not_parse_are_named(tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text('[{"type": "function", "function": {"name": "f"}')
+    with pytest.raises(TraceError, match=r"tools.json: is not valid JSON"):
+        load_trace(FIXTURES / "tau_mini.json", tools=tools)
+    tools.write_text('[{"type": "function", "function": {}}]')
+    with pytest.raises(TraceError, match=r"tools.json: tools\[0\].function.name: must be a non-empty string"):
+        load_trace(FIXTURES / "tau_mini.json", tools=tools)
+
+
+def test_bfcl_request_without_ground_truth_is_named(tmp_path):
+    requests = tmp_path / "req.jsonl"
+    requests.write_text((FIXTURES / "bfcl_mini.jsonl").read_text())
+    _lines(tmp_path / "answers.jsonl", [json.loads((FIXTURES / "bfcl_mini_answers.jsonl").read_text().splitlines()[0])])
+    with pytest.raises(TraceError, match=r"req.jsonl: line 2 \(id simple_1\): has no recorded answer"):
+        load_trace(requests, answers=tmp_path / "answers.jsonl")
+
+
+def test_bad_input_stops_the_replay_before_any_step_or_summary(tmp_path, capsys):
+    path = _lines(tmp_path / "bad.jsonl", [{**_good(), "id": f"ok{i}"} for i in range(3)] + [{**_good(), "id": "late", "answer": None}])
+    ledger, out = tmp_path / "r.db", tmp_path / "r.json"
+    assert main(["replay", str(path), "--ledger", str(ledger), "--json", str(out), "--quiet"]) == 2
+    assert "bad.jsonl: line 4 (id late): has no recorded answer" in capsys.readouterr().err
+    assert not ledger.exists() and not out.exists()
+
+
+# --------------------------------------------------------------------------- the replay provider
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_remote_path_serves_recorded_answers_by_replay_id():
+    from milliwatt.adapters import LiteLLMBackend
+    from milliwatt.adapters.replay_provider import PROVIDER, serving
+    from milliwatt.model_tier import ModelTier
+
+    answer = {"role": "assistant", "content": "Recorded.", "tool_calls": None}
+    backend = LiteLLMBackend(f"{PROVIDER}/gpt-4o", label="replay", energy_model="openai/gpt-4o", max_retries=0)
+    tier = ModelTier("remote", backend)
+    step = Step.create([{"role": "user", "content": "Hi"}], meta=StepMeta(extra={"replay_id": "r1"}))
+    with serving({"r1": answer}):
+        result = await tier.attempt(step)
+        assert result.message["content"] == "Recorded." and result.label == "replay" and result.model == "gpt-4o"
+        assert result.input_tokens > 0 and result.output_tokens > 0 and result.cost_usd > 0  # priced as gpt-4o
+        assert result.energy.method == "estimate" and "openai/gpt-4o" in result.energy.basis
+        other = Step.create([{"role": "user", "content": "Hi"}], meta=StepMeta(extra={"replay_id": "nope"}))
+        with pytest.raises(RemoteBadRequest, match="no recorded answer for replay id 'nope'"):
+            await tier.attempt(other)
+
+
+# --------------------------------------------------------------------------- end to end
+
+def _replay(tmp_path: Path, name: str, *extra: str) -> tuple[dict, list[tuple]]:
+    ledger, out = tmp_path / f"{name}.db", tmp_path / f"{name}.json"
+    assert main(["replay", str(SUPPORT), "--ledger", str(ledger), "--json", str(out), "--quiet", *extra]) == 0
+    rows = sqlite3.connect(ledger).execute(
+        "select session_id, tier, label, model, quality_metric, quality_kind, quality_agrees from steps order by id"
+    ).fetchall()
+    return json.loads(out.read_text()), rows
+
+
+@pytest.mark.slow
+def test_replay_through_the_real_cascade_is_deterministic_and_judged(tmp_path, capsys):
+    first, rows = _replay(tmp_path, "one")
+    second, rows_again = _replay(tmp_path, "two")
+    printed = capsys.readouterr().out
+
+    assert first["steps"] == 10 and first["replay"]["format"] == "trace"
+    tiers = first["tiers"]
+    # Greetings, the order look-up and thanks are the support pack's; the paraphrased
+    # policy and shipping questions hit the cache; the chargeback is routed to remote.
+    assert tiers.get("rules", 0) >= 3 and tiers.get("cache", 0) >= 2 and tiers.get("remote", 0) >= 1
+    assert set(tiers) <= {"rules", "cache", "local", "remote"}
+    assert all(r[2] == "replay" and r[3] == "gpt-4o" for r in rows if r[1] == "remote")
+    assert all(r[4] in ("tool_call_match", "text_token_f1") and r[6] in (0, 1) for r in rows)
+
+    # Determinism: the same tiers step by step, the same verdicts.
+    assert [r[:2] + r[4:] for r in rows] == [r[:2] + r[4:] for r in rows_again]
+    assert second["tiers"] == tiers and second["quality"] == first["quality"]
+
+    for key in ("steps", "tiers", "quality", "energy_wh", "savings_factor", "tokens", "wall_s", "energy_per_useful_answer_wh"):
+        assert key in first
+    q = first["quality"]
+    assert {"metric", "cascade", "baseline", "exact", "proxy"} <= set(q)
+    assert q["baseline"] == 1.0 and q["exact"]["steps"] == 2 and q["proxy"]["steps"] == 8
+    assert q["exact"]["share"] == 1.0  # the order look-up (rules) and the account look-up
+    assert 0 < q["cascade"] <= 1 and "proxy" in q["metric"]
+    for side in ("cascade", "baseline"):
+        assert set(first["energy_wh"][side]) == {"low", "point", "high"}
+        per = first["energy_per_useful_answer_wh"][side]
+        assert 0 < per["low"] <= per["point"] <= per["high"]
+    assert set(first["savings_factor"]) == {"low", "point", "high"}
+    assert set(first["tokens"]) == {"input_raw", "input_sent", "output"}
+    assert "Quality against the reference" in printed and "energy per useful answer" in printed
+
+    # --warm-from: the first run's model answers are in the cache before the first step.
+    warm, _ = _replay(tmp_path, "warm", "--warm-from", str(tmp_path / "one.db"))
+    assert warm["tiers"].get("cache", 0) > tiers["cache"] and warm["replay"]["warm_from"].endswith("one.db")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
+def test_replay_smoke_on_shared_bfcl(tmp_path):
+    out = tmp_path / "bfcl.json"
+    args = ["replay", str(SHARED / "bfcl" / "simple_python.jsonl"), "--limit", "3", "--quiet"]
+    assert main([*args, "--ledger", str(tmp_path / "b.db"), "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["steps"] == 3 and summary["quality"]["metric"] == "bfcl_ast (exact)"
+    assert summary["quality"]["baseline"] == 1.0 and summary["labels"].get("oracle", {}).get("remote", 0) == summary["tiers"].get("remote", 0)
