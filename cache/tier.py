@@ -42,7 +42,9 @@ _SETTINGS = {"path", "threshold", "ttl_s", "max_entries", "token_budget", "cpu"}
 
 class CacheTier(Tier):
     name = "cache"
-    token_budget: int | None = 512
+    # No trimming by default: the key reads only the last user message and what follows it
+    # (key.py), so a budget could only cut the user message away from a long agent prompt.
+    token_budget: int | None = None
 
     def __init__(
         self,
@@ -51,7 +53,7 @@ class CacheTier(Tier):
         threshold: float = DEFAULT_THRESHOLD,
         ttl_s: float | None = DEFAULT_TTL_S,
         max_entries: int = DEFAULT_MAX_ENTRIES,
-        token_budget: int | None = 512,
+        token_budget: int | None = None,
         embedder: Embedder | None = None,
         coefficients: CpuCoefficients = CpuCoefficients(),
         clock: Callable[[], float] = time.time,

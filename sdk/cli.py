@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print the summary of a ledger")
     report.add_argument("ledger", help="a ledger file path or SQLAlchemy URL")
     report.add_argument("--json", action="store_true", help="print JSON instead of text")
+    report.add_argument("--html", metavar="OUT", help="also write a self-contained HTML page with charts")
+    report.add_argument("--png-dir", metavar="DIR", help="with --html: also write each chart as PNG here")
     replay_arguments(sub.add_parser("replay", help="replay recorded agent traffic through the cascade; judge each answer"))
     rules = sub.add_parser("rules", help="work with rule packs")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
@@ -48,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = summarize(args.ledger)
             print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+            if args.html:
+                from .report_html import write_html_report
+
+                page = write_html_report(args.ledger, args.html, png_dir=args.png_dir)
+                print(f"HTML report: {page}", file=sys.stderr)
         elif args.command == "replay":
             return run_replay(args)
         elif args.command == "rules":

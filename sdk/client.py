@@ -11,7 +11,7 @@ tier serialises only what must be (a llama.cpp context, the ledger's writer thre
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .cascade import Cascade, RecordSink
@@ -40,21 +40,30 @@ class Milliwatt:
         self._closed = False
 
     @classmethod
-    def from_config(cls, config: str | os.PathLike[str] | dict[str, Any] | None = None, **overrides: Any) -> Milliwatt:
-        """Build every configured tier (models load lazily, on first use) and the ledger."""
+    def from_config(
+        cls,
+        config: str | os.PathLike[str] | dict[str, Any] | None = None,
+        *,
+        wrap_ledger: Callable[[RecordSink], RecordSink] | None = None,
+    ) -> Milliwatt:
+        """Build every configured tier (models load lazily, on first use) and the ledger.
+
+        ``wrap_ledger`` wraps the configured ledger in another sink (a replay adds each
+        step's quality before the record is written), keeping the cascade unaware of it.
+        """
         from .config import load_settings
         from .registry import build_tier
 
         settings = load_settings(config)
-        if overrides:
-            settings = settings.model_copy(update=overrides)
         # Tiers load their models on first use, so a failure here leaves nothing to release.
         tiers = [build_tier(name, settings) for name in settings.tiers]
-        ledger = None
+        ledger: RecordSink | None = None
         if settings.ledger:
             from .ledger import Ledger
 
             ledger = Ledger(settings.ledger)
+            if wrap_ledger is not None:
+                ledger = wrap_ledger(ledger)
         return cls(
             tiers,
             frontier_model=settings.frontier_model,

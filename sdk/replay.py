@@ -122,8 +122,7 @@ async def replay(
     tiers: Counter[str] = Counter()
     t0 = time.perf_counter()
     with serving({s.id: s.answer for s in steps}):
-        async with Milliwatt.from_config(data) as mw:
-            mw.ledger = mw.cascade.sink = QualitySink(mw.ledger, steps)
+        async with Milliwatt.from_config(data, wrap_ledger=lambda ledger: QualitySink(ledger, steps)) as mw:
             if warm:
                 await _warm_cache(mw, warm)
             bar = tqdm(total=len(steps), unit="step", desc=f"replay {trace.format}", file=progress, disable=progress is None)

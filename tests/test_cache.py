@@ -314,7 +314,7 @@ async def test_max_entries_evicts_the_least_hit(embedder: Embedder, clock: Clock
 
 def test_from_settings_validates(embedder: Embedder) -> None:
     tier = CacheTier.from_settings({"threshold": 0.95, "ttl_s": None, "max_entries": 10})
-    assert (tier.threshold, tier.ttl_s, tier.max_entries, tier.token_budget) == (0.95, None, 10, 512)
+    assert (tier.threshold, tier.ttl_s, tier.max_entries, tier.token_budget) == (0.95, None, 10, None)
     with pytest.raises(ConfigError, match=r"cache\.treshold: unknown setting"):
         CacheTier.from_settings({"treshold": 0.9})
     with pytest.raises(ConfigError, match=r"cache\.threshold: must be in \(0, 1\]"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from milliwatt.cli import main
 from milliwatt.ids import new_step_id
 from milliwatt.ledger import VERSION_TABLE, Ledger, LedgerError
 from milliwatt.report_html import TIER_COLOURS, write_html_report
@@ -203,3 +204,13 @@ def test_every_chart_decodes_in_headless_chromium(report: tuple[Path, Path], tmp
     dom = run_chromium(tmp_path, page, "--dump-dom", "--virtual-time-budget=10000").stdout
     assert 'data-decoded="5"' in dom
     assert len(re.findall(r"<figure class=\"chart\" id=\"chart-", dom)) == 5
+
+
+def test_report_command_writes_the_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ledger = write_ledger(tmp_path / "ledger.db", n=8)
+    page = tmp_path / "out" / "report.html"
+    assert main(["report", str(ledger), "--html", str(page)]) == 0
+    assert "savings factor" in capsys.readouterr().out
+    assert page.read_text(encoding="utf-8").count("<figure class=chart") == 5
+    assert main(["report", str(tmp_path / "absent.db"), "--html", str(page)]) == 2
+    assert "absent.db" in capsys.readouterr().err
