@@ -7,8 +7,10 @@ has three parts besides the scope:
   ("yes", "the second one") the previous assistant turn is prepended, because the answer
   depends on what was asked: "Cancel reservation ABC123? yes" is not "Book flight 9? yes".
 * **tail** (exact): what happened after the last user message (the assistant's tool calls
-  and the tool results), hashed with call ids removed. A step that answers tool output
-  only hits an entry made from the very same tool output.
+  and the tool results), hashed with call ids removed, together with the names of the tools
+  called before it, in order. A step that answers tool output only hits an entry made from
+  the very same tool output; and "yes, go ahead" only hits an entry from a conversation
+  that had got as far (the same tools called), since what "yes" starts depends on it.
 * **literals** (exact): tokens containing a digit (IDs, order numbers, dates, amounts) in
   the semantic text must be the same set in query and entry: MiniLM puts "order 123" and
   "order 124" at cosine ~0.98, and an answer about one is wrong for the other.
@@ -60,7 +62,7 @@ def message_texts(m: Message) -> list[str]:
 @dataclass(frozen=True)
 class StepKey:
     scope: str  # exact, see scope.py
-    tail: str  # exact hash of the messages after the last user message
+    tail: str  # exact hash of the tools called so far and the messages after the last user message
     text: str  # what is embedded
     literals: frozenset[str]  # digit-bearing tokens of ``text``: must be equal
     context_literals: frozenset[str]  # digit-bearing tokens of the whole step (grounding)
@@ -84,18 +86,23 @@ def step_key(step: Step) -> StepKey:
     context = [t for m in msgs for t in message_texts(m)]
     return StepKey(
         scope=scope_key(step),
-        tail=tail_hash(msgs[last_user + 1 :]),
+        tail=tail_hash(msgs[last_user + 1 :], history=_tools_called(msgs[:last_user])),
         text=text,
         literals=literal_tokens(text),
         context_literals=literal_tokens(context),
     )
 
 
-def tail_hash(tail: Iterable[Message]) -> str:
+def _tools_called(messages: Iterable[Message]) -> list[str]:
+    return [c["function"]["name"] for m in messages if m["role"] == "assistant" for c in m.get("tool_calls") or []]
+
+
+def tail_hash(tail: Iterable[Message], history: Iterable[str] = ()) -> str:
     """Hash of assistant tool calls and tool results, with call ids replaced by their position
-    (ids are random per run; which call a result answers is what matters)."""
+    (ids are random per run; which call a result answers is what matters), and of the names
+    of the tools called before them."""
     positions: dict[str, int] = {}
-    canon: list[dict] = []
+    canon: list[dict | list[str]] = [list(history)]
     for m in tail:
         if m["role"] == "assistant":
             calls = []

@@ -115,7 +115,7 @@ class CacheTier(Tier):
         if not self.store.has_partition(key.partition):
             where = f"scope {key.scope[:6]}"
             other_tail = key.tail != EMPTY_TAIL and self.store.has_scope(key.scope)
-            reason = f"no entry with this tool output in {where}" if other_tail else f"no entry in {where}"
+            reason = f"no entry with these tool calls and outputs in {where}" if other_tail else f"no entry in {where}"
             return self._pass(reason, timer.seconds)
 
         vector, embed_cpu = await self.embedder.embed(key.text)

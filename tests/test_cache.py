@@ -152,7 +152,24 @@ async def test_tool_output_since_the_last_user_message_must_match_exactly(tier: 
     same = await tier.attempt(tool_step('{"destination": "BOS", "legs": 1}', call_id="call_b", args='{"reservation_id":"ZFA04Y"}'))
     assert same.answered and same.message == answer
     other = await tier.attempt(tool_step('{"destination": "JFK", "legs": 1}'))
-    assert not other.answered and other.reason.startswith("no entry with this tool output in scope")
+    assert not other.answered and other.reason.startswith("no entry with these tool calls and outputs in scope")
+
+
+@pytest.mark.asyncio
+async def test_a_confirmation_only_hits_a_conversation_that_got_as_far(tier: CacheTier) -> None:
+    def confirm(tools_called: list[str]) -> Step:
+        msgs: list[dict] = [SYSTEM, {"role": "user", "content": "I want to change my booking ZFA04Y."}]
+        for i, name in enumerate(tools_called):
+            msgs += [
+                {"role": "assistant", "content": None, "tool_calls": [{"id": f"c{i}", "type": "function", "function": {"name": name, "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": f"c{i}", "content": "{}"},
+            ]
+        msgs += [{"role": "assistant", "content": "Shall I go ahead?"}, {"role": "user", "content": "Yes, please go ahead."}]
+        return Step.create(msgs, tools=[LOOKUP], meta=StepMeta(tenant="acme"))
+
+    await tier.remember(confirm(["get_reservation"]), {"role": "assistant", "content": "Done."}, "remote")
+    assert (await tier.attempt(confirm(["get_reservation"]))).answered
+    assert not (await tier.attempt(confirm([]))).answered
 
 
 @pytest.mark.asyncio
