@@ -200,7 +200,14 @@ class LlamaCppBackend(ModelBackend):
             from llama_cpp import LlamaGrammar
 
             schema = json.dumps(tool_grammar.answer_schema(step))
-            kwargs["grammar"] = LlamaGrammar.from_json_schema(schema, verbose=False)
+            try:
+                kwargs["grammar"] = LlamaGrammar.from_json_schema(schema, verbose=False)
+            except Exception as e:  # the converter asserts on schema shapes it does not know
+                raise BackendError(
+                    f"tool schemas cannot be turned into a grammar ({type(e).__name__}: {e})",
+                    backend="llama.cpp",
+                    model=self.model,
+                ) from e
 
         timer = CpuTimer("process")
         try:

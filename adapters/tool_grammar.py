@@ -43,8 +43,20 @@ def _strict(schema: dict[str, Any]) -> dict[str, Any]:
     if out.get("type", "object") == "object" and "additionalProperties" not in out:
         out["additionalProperties"] = False
     out.setdefault("type", "object")
-    out.setdefault("properties", {})
+    out["properties"] = {k: _any_if_untyped(v) for k, v in (out.get("properties") or {}).items()}
     return out
+
+
+_SHAPE_KEYS = {"type", "$ref", "oneOf", "anyOf", "allOf", "const", "enum", "properties", "items"}
+_ANY_JSON = ["string", "number", "boolean", "array", "object", "null"]
+
+
+def _any_if_untyped(schema: Any) -> Any:
+    """A property schema that says nothing of its shape ("any value", as BFCL's ``any``
+    becomes) made explicit, since llama.cpp's schema-to-grammar converter rejects it."""
+    if isinstance(schema, dict) and not _SHAPE_KEYS & schema.keys():
+        return {**schema, "type": _ANY_JSON}
+    return schema
 
 
 def answer_schema(step: Step) -> dict[str, Any]:

@@ -268,3 +268,17 @@ async def test_an_answer_that_cannot_pass_stops_early(local_backend: LlamaCppBac
     # The context is still usable afterwards (the stream was closed cleanly).
     again = await local_backend.complete(Step.create([{"role": "user", "content": "Say hi."}]))
     assert again.message["content"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_untyped_arguments_get_a_grammar_and_unbuildable_ones_pass(local_backend: LlamaCppBackend) -> None:  # noqa: F811
+    untyped = {"type": "function", "function": {"name": "fit", "parameters": {
+        "type": "object", "properties": {"data": {"description": "anything"}}, "required": ["data"]}}}  # fmt: skip
+    step = Step.create([{"role": "user", "content": "Fit the model on [1, 2, 3]."}], tools=[untyped], tool_choice="required")
+    c = await local_backend.complete(step)
+    assert c.message.get("tool_calls") or c.extra["finish_reason"] in ("length", "aborted")
+    broken = {"type": "function", "function": {"name": "odd", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "pattern": "(?<=a)b"}}}}}  # fmt: skip
+    tier = ModelTier("local", local_backend, gate=ConfidenceGate())
+    result = await tier.attempt(Step.create([{"role": "user", "content": "hi"}], tools=[broken]))
+    assert not result.answered and "cannot be turned into a grammar" in result.reason
