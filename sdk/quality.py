@@ -77,17 +77,29 @@ def json_equal(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def tool_call_match(answer: Message, expected: Sequence[dict[str, Any]]) -> Quality:
-    def verdict(agrees: bool, detail: str) -> Quality:
-        return Quality("tool_call_match", "exact", agrees, 1.0 if agrees else 0.0, detail)
+def _exact(metric: str, agrees: bool, detail: str) -> Quality:
+    return Quality(metric, "exact", agrees, 1.0 if agrees else 0.0, detail)
 
+
+def _calls_like(answer: Message, expected: int) -> tuple[list[tuple[str, Any]], str | None]:
+    """The answer's calls, or why it cannot match ``expected`` calls at all."""
     calls = _calls(answer)
     if isinstance(calls, str):
-        return verdict(False, calls)
+        return [], calls
     if not calls:
-        return verdict(False, "answered with text; the reference is a tool call")
-    if len(calls) != len(expected):
-        return verdict(False, f"{len(calls)} call(s); the reference has {len(expected)}")
+        return [], "answered with text; the reference is a tool call"
+    if len(calls) != expected:
+        return [], f"{len(calls)} call(s); the reference has {expected}"
+    return calls, None
+
+
+def tool_call_match(answer: Message, expected: Sequence[dict[str, Any]]) -> Quality:
+    def verdict(agrees: bool, detail: str) -> Quality:
+        return _exact("tool_call_match", agrees, detail)
+
+    calls, problem = _calls_like(answer, len(expected))
+    if problem:
+        return verdict(False, problem)
     for k, ((name, args), want) in enumerate(zip(calls, expected)):
         if name != want["name"]:
             return verdict(False, f"call {k}: {name} instead of {want['name']}")
@@ -118,15 +130,11 @@ def _std(v: Any) -> Any:
 
 def bfcl_match(answer: Message, ground_truth: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> Quality:
     def verdict(agrees: bool, detail: str) -> Quality:
-        return Quality("bfcl_ast", "exact", agrees, 1.0 if agrees else 0.0, detail)
+        return _exact("bfcl_ast", agrees, detail)
 
-    calls = _calls(answer)
-    if isinstance(calls, str):
-        return verdict(False, calls)
-    if not calls:
-        return verdict(False, "answered with text; the reference is a tool call")
-    if len(calls) != len(ground_truth):
-        return verdict(False, f"{len(calls)} call(s); the reference has {len(ground_truth)}")
+    calls, problem = _calls_like(answer, len(ground_truth))
+    if problem:
+        return verdict(False, problem)
     schemas = {t["function"]["name"]: t["function"].get("parameters", {}) for t in tools}
     unmatched = list(range(len(calls)))
     for expected in ground_truth:
