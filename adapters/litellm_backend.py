@@ -11,6 +11,7 @@ timeouts, rate limits, connection errors and 5xx. Failures map to milliwatt's ty
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import random
@@ -98,8 +99,8 @@ class LiteLLMBackend(ModelBackend):
         return req
 
     async def complete(self, step: Step, *, abort: AbortCheck | None = None) -> Completion:
-        import litellm
-
+        # The first import takes seconds: do it in a worker thread, not on the event loop.
+        litellm = await asyncio.to_thread(importlib.import_module, "litellm")
         # litellm prints "Give Feedback / Get Help" banners to stdout on every error; the
         # typed exception already says what failed.
         litellm.suppress_debug_info = True

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import threading
 import json
 import os
 from collections.abc import Callable
@@ -127,6 +128,10 @@ class LlamaCppBackend(ModelBackend):
         self._llama: Any = None
         self._vocab: dict[str, list[int]] | None = None
         self._lock = asyncio.Lock()
+        # The context is not re-entrant. The asyncio lock keeps steps queued on the loop; this
+        # one is held by the worker thread itself, so a step cancelled while its thread still
+        # decodes cannot let the next step (or aclose) into the same context.
+        self._thread_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> LlamaCppBackend:
@@ -156,6 +161,10 @@ class LlamaCppBackend(ModelBackend):
 
     async def aclose(self) -> None:
         async with self._lock:
+            await asyncio.to_thread(self._close_sync)
+
+    def _close_sync(self) -> None:
+        with self._thread_lock:
             if self._llama is not None:
                 self._llama.close()
                 self._llama = None
@@ -164,9 +173,13 @@ class LlamaCppBackend(ModelBackend):
 
     async def complete(self, step: Step, *, abort: AbortCheck | None = None) -> Completion:
         async with self._lock:
+            return await asyncio.to_thread(self._complete_locked, step, abort)
+
+    def _complete_locked(self, step: Step, abort: AbortCheck | None) -> Completion:
+        with self._thread_lock:
             if self._llama is None:
-                self._llama = await asyncio.to_thread(self._load)
-            return await asyncio.to_thread(self._complete_sync, step, abort)
+                self._llama = self._load()
+            return self._complete_sync(step, abort)
 
     def _complete_sync(self, step: Step, abort: AbortCheck | None) -> Completion:
         llama = self._llama

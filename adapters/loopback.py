@@ -68,6 +68,13 @@ class LoopbackServer:
         await self.stop()
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:  # cancelled or failed: leave no server process behind
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         self.port = free_port()
         args = [
             sys.executable, "-m", "milliwatt.adapters.standin_server", "--model", self.model_path, "--model_alias", self.model,

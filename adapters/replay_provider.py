@@ -19,11 +19,11 @@ import litellm
 from litellm import CustomLLM, ModelResponse
 from litellm.llms.custom_llm import CustomLLMError
 
+from milliwatt.replay import REPLAY_ID
 from milliwatt.tokens import count_completion, count_request
 from milliwatt.types import Message
 
 PROVIDER = "milliwatt-replay"
-REPLAY_ID = "replay_id"
 
 
 class ReplayProvider(CustomLLM):

@@ -59,7 +59,6 @@ class Embedder:
         self.window_s = window_s
         self.max_batch = max_batch
         self.batches = 0  # encode calls made, for tests and benchmarks
-        self.queries = 0
         self._model: Any = None
         self._lock = threading.Lock()
         self._pending: dict[asyncio.AbstractEventLoop, _Pending] = {}
@@ -99,7 +98,6 @@ class Embedder:
             )
             cpu = time.process_time() - t0
             self.batches += 1
-            self.queries += len(texts)
         return np.ascontiguousarray(vecs, dtype=np.float32), cpu
 
     # ------------------------------------------------------------------ async, batched

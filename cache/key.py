@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from milliwatt.types import Message, Step, content_text
 
-from .scope import scope_key, sha256_hex
+from .scope import partition_key, scope_key, sha256_hex
 
 SHORT_USER_WORDS = 8  # a user message this short is read together with the turn before it
 _TOKEN = re.compile(r"[\w.,:/@#$€£%+\-]+")
@@ -69,8 +69,7 @@ class StepKey:
 
     @property
     def partition(self) -> str:
-        """Entries are searched only within (scope, tail): both must match exactly."""
-        return sha256_hex([self.scope, self.tail])
+        return partition_key(self.scope, self.tail)
 
 
 def step_key(step: Step) -> StepKey:

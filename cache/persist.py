@@ -110,7 +110,7 @@ def load(store: Store, folder: str | os.PathLike[str], model: str) -> int:
     if set(ids.tolist()) != {e.id for e in parsed} or len(ids) != len(parsed):
         raise CacheFileError(str(index_path), f"holds {len(ids)} vectors whose ids differ from the {len(parsed)} entries")
     if index.d != doc.get("dim"):
-        raise CacheFileError(str(index_path), f"has {index.d} dimensions, {ENTRIES_FILE} says {doc['dim']}")
+        raise CacheFileError(str(index_path), f"has {index.d} dimensions, {ENTRIES_FILE} says {doc.get('dim')}")
 
     vecs = index.index.reconstruct_n(0, index.ntotal) if index.ntotal else None
     row = {int(i): n for n, i in enumerate(ids)}

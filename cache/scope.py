@@ -74,3 +74,8 @@ def uncacheable_reason(step: Step) -> str | None:
         # The caller asked for varied samples; replaying one would defeat that.
         return f"sampling requested (temperature {temperature}, no seed)"
     return None
+
+
+def partition_key(scope: str, tail: str) -> str:
+    """Entries are searched only within (scope, tail): both must match exactly."""
+    return sha256_hex([scope, tail])

@@ -22,7 +22,7 @@ import numpy as np
 
 from milliwatt.types import Message
 
-from .scope import sha256_hex
+from .scope import partition_key
 
 
 @dataclass
@@ -45,10 +45,6 @@ class Entry:
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
-
-
-def partition_key(scope: str, tail: str) -> str:
-    return sha256_hex([scope, tail])
 
 
 def _faiss() -> Any:

@@ -87,8 +87,9 @@ class CacheTier(Tier):
         if unknown:
             raise ConfigError(f"cache.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(_SETTINGS))})")
         kw: dict[str, Any] = {}
-        if isinstance(settings.get("cpu"), CpuCoefficients):
-            kw["coefficients"] = settings["cpu"]
+        cpu = CpuCoefficients.from_setting(settings.get("cpu"), "cache.cpu")
+        if cpu is not None:
+            kw["coefficients"] = cpu
         if settings.get("path") is not None:
             kw["path"] = str(settings["path"])
         for key, kind in (("threshold", float), ("ttl_s", float), ("max_entries", int), ("token_budget", int)):

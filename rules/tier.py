@@ -45,14 +45,7 @@ class RulesTier(Tier):
         unknown = sorted(set(settings) - set(SETTINGS_KEYS))
         if unknown:
             raise ConfigError(f"rules.{unknown[0]}", f"unknown setting (known: {', '.join(SETTINGS_KEYS)})")
-        cpu = settings.get("cpu")
-        if isinstance(cpu, Mapping):
-            try:
-                cpu = CpuCoefficients(**cpu)
-            except TypeError as e:
-                raise ConfigError("rules.cpu", f"{e} (known: low_w, point_w, high_w)") from None
-        elif cpu is not None and not isinstance(cpu, CpuCoefficients):
-            raise ConfigError("rules.cpu", f"must be a mapping of low_w, point_w, high_w, got {type(cpu).__name__}")
+        cpu = CpuCoefficients.from_setting(settings.get("cpu"), "rules.cpu")
         return cls(settings.get("packs", BUNDLED_PACKS), cpu=cpu)
 
     @property

@@ -6,6 +6,7 @@ so adding one is a registry entry (``milliwatt.registry``), not an edit here.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -18,6 +19,8 @@ from .tier import Tier
 from .tokens import count_completion
 from .trimming import Trimmer
 from .types import Attempt, Energy, Step, StepRecord, StepResult, TierResult
+
+log = logging.getLogger("milliwatt")
 
 
 class RecordSink(Protocol):
@@ -42,7 +45,6 @@ class Cascade:
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
         self.tiers = list(tiers)
-        self._names = set(names)
         self.frontier_model = frontier_model
         self.trimmer = trimmer or Trimmer()
         self.energy_model = energy_model or RemoteEnergyModel()
@@ -67,10 +69,11 @@ class Cascade:
             a0 = time.perf_counter()
             try:
                 result = await tier.attempt(trimmed.step)
-            except BackendError as e:
+            except Exception as e:
                 attempts.append(_failed(tier.name, e, time.perf_counter() - a0))
-                # The last resort failing is the step failing: log it, then tell the caller.
-                if isinstance(e, RemoteError) or index == len(self.tiers) - 1:
+                # A backend failing below the last resort is a reason to go on. Anything else
+                # (the last resort failing, a bug) fails the step: log it, then tell the caller.
+                if not isinstance(e, BackendError) or isinstance(e, RemoteError) or index == len(self.tiers) - 1:
                     await self._log(step, started_at, t0, tokens_raw, 0, None, attempts)
                     raise
                 continue
@@ -78,9 +81,10 @@ class Cascade:
             if result.answered:
                 answer, sent, answered_at = result, trimmed.tokens_after, index
                 break
-            # A route to a tier this cascade does not have is ignored, not obeyed: obeying
-            # it would skip every later tier and fail the step.
-            skip_to = result.skip_to if result.skip_to in self._names else None
+            # Only a route to a later tier is obeyed: one to a tier this cascade does not
+            # have, or one already passed, would skip every later tier and fail the step.
+            later = {t.name for t in self.tiers[index + 1 :]}
+            skip_to = result.skip_to if result.skip_to in later else None
         if answer is None:
             await self._log(step, started_at, t0, tokens_raw, 0, None, attempts)
             raise NoTierAnswered("every tier passed: " + "; ".join(f"{a.tier}: {a.reason}" for a in attempts))
@@ -88,8 +92,12 @@ class Cascade:
         message = dict(answer.message or {})
         if answer.cacheable:
             for earlier in self.tiers[:answered_at]:
-                if earlier.name in asked:  # a tier skipped by a route was not asked
+                if earlier.name not in asked:  # a tier skipped by a route was not asked
+                    continue
+                try:
                     await earlier.remember(asked[earlier.name], message, answer.tier, model=answer.model)
+                except Exception:  # a failed write-back costs a future hit, never this answer
+                    log.warning("write-back to %s failed", earlier.name, exc_info=True)
         record = await self._log(step, started_at, t0, tokens_raw, sent, (answer, message), attempts)
         return StepResult(message, record)
 
@@ -136,8 +144,15 @@ class Cascade:
         return record
 
     async def aclose(self) -> None:
+        """Close every tier, even when one fails to close; then raise the first failure."""
+        errors: list[BaseException] = []
         for tier in self.tiers:
-            await tier.aclose()
+            try:
+                await tier.aclose()
+            except Exception as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 def _attempted(r: TierResult, tokens_sent: int, latency: float) -> Attempt:
@@ -160,6 +175,7 @@ def _skipped(tier: str, reason: str) -> Attempt:
     return Attempt(tier, "skipped", reason, None, None, 0, 0, 0.0, Energy.zero(), 0.0)
 
 
-def _failed(tier: str, error: BackendError, latency: float) -> Attempt:
+def _failed(tier: str, error: Exception, latency: float) -> Attempt:
     reason = f"{type(error).__name__}: {error}"
-    return Attempt(tier, "error", reason, None, error.model or None, 0, 0, latency, Energy.zero(), 0.0)
+    model = getattr(error, "model", None) or None
+    return Attempt(tier, "error", reason, None, model, 0, 0, latency, Energy.zero(), 0.0)

@@ -52,9 +52,13 @@ class Milliwatt:
         step's quality before the record is written), keeping the cascade unaware of it.
         """
         from .config import load_settings
-        from .registry import build_tier
+        from .pricing import price
+        from .registry import build_tier, check_energy_model
 
         settings = load_settings(config)
+        # Every step's counterfactual needs these: check them now, and load them off the loop.
+        check_energy_model(settings.frontier_model, "frontier_model")
+        price(settings.frontier_model)
         # Tiers load their models on first use, so a failure here leaves nothing to release.
         tiers = [build_tier(name, settings) for name in settings.tiers]
         ledger: RecordSink | None = None

@@ -15,11 +15,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
 DEFAULT_FRONTIER = "openai/gpt-4o"
+DEFAULT_CACHE_PATH = ".milliwatt/cache"
 
 
 class TrimSettings(BaseModel):
@@ -34,6 +35,12 @@ class EnergySettings(BaseModel):
     cpu_watts_point: float = Field(2.5, gt=0)
     cpu_watts_high: float = Field(4.0, gt=0)
 
+    @model_validator(mode="after")
+    def _ordered(self) -> EnergySettings:
+        if not self.cpu_watts_low <= self.cpu_watts_point <= self.cpu_watts_high:
+            raise ValueError("cpu_watts_low <= cpu_watts_point <= cpu_watts_high must hold")
+        return self
+
 
 class Settings(BaseModel):
     """The whole configuration. ``tiers`` lists the cascade order by registered name."""
@@ -43,7 +50,7 @@ class Settings(BaseModel):
     frontier_model: str = DEFAULT_FRONTIER
     tiers: list[str] = Field(default_factory=lambda: ["rules", "cache", "local", "remote"], min_length=1)
     rules: dict[str, Any] = Field(default_factory=dict)
-    cache: dict[str, Any] = Field(default_factory=lambda: {"path": ".milliwatt/cache"})
+    cache: dict[str, Any] = Field(default_factory=dict)
     local: dict[str, Any] = Field(default_factory=dict)
     remote: dict[str, Any] = Field(default_factory=dict)
     # Sections of plugin tiers registered under other names.
@@ -51,6 +58,13 @@ class Settings(BaseModel):
     ledger: str | None = "sqlite:///milliwatt.db"
     trim: TrimSettings = Field(default_factory=TrimSettings)
     energy: EnergySettings = Field(default_factory=EnergySettings)
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_persists_by_default(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # A cache section that sets only its threshold must not turn persistence off;
+        # ``path: null`` does, on purpose.
+        return {"path": DEFAULT_CACHE_PATH, **v}
 
     def section(self, tier: str) -> dict[str, Any]:
         if tier in ("rules", "cache", "local", "remote"):
@@ -96,8 +110,11 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), "must hold a mapping of settings")
     # Rule packs named in a file are relative to that file, wherever the process runs.
     rules = data.get("rules")
-    if isinstance(rules, dict) and isinstance(rules.get("packs"), list):
-        rules["packs"] = [str(path.parent / p) if isinstance(p, str) else p for p in rules["packs"]]
+    packs = rules.get("packs") if isinstance(rules, dict) else None
+    if isinstance(packs, str):
+        packs = [packs]
+    if isinstance(packs, list):
+        rules["packs"] = [str(path.parent / p) if isinstance(p, str) else p for p in packs]
     return data
 
 

@@ -1,6 +1,7 @@
 """``milliwatt demo``: the example support agent through the full cascade, offline.
 
-With no provider configured (``MILLIWATT_REMOTE_MODEL`` unset), the remote tier is a real
+With no provider configured (no ``remote.model`` in the configuration, no
+``MILLIWATT_REMOTE_MODEL``), the remote tier is a real
 OpenAI-compatible server on loopback (llama-cpp-python's server with the default GGUF),
 started and stopped here. Its answers are labelled ``stand-in`` in the ledger, and its
 energy is estimated for the frontier model it stands in for, so the totals show what the
@@ -11,25 +12,26 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TextIO
 
 from .client import Milliwatt
-from .config import load_settings
+from .config import Settings, load_settings
 from .types import StepResult
 
 STAND_IN_MODEL = "smollm2-stand-in"
 
 
 @contextlib.asynccontextmanager
-async def remote_settings(frontier_model: str) -> AsyncIterator[dict[str, Any]]:
-    """The remote tier's settings: the configured provider, or a loopback stand-in."""
-    if os.environ.get("MILLIWATT_REMOTE_MODEL"):
-        yield {}  # load_settings applies the environment
+async def remote_settings(settings: Settings) -> AsyncIterator[dict[str, Any]]:
+    """The remote tier's settings: the configured provider (a ``remote.model`` in the
+    configuration file or ``MILLIWATT_REMOTE_MODEL``), or a loopback stand-in."""
+    if settings.remote.get("model"):
+        yield {}
         return
+    frontier_model = settings.frontier_model
     from milliwatt.adapters.loopback import LoopbackServer
 
     async with LoopbackServer(model_alias=STAND_IN_MODEL) as server:
@@ -55,13 +57,14 @@ async def run_demo(
 
     from .report import format_summary, summarize
 
+    from .ledger import delete_ledger_file
+
     ledger_path = Path(ledger)
-    if ledger_path.exists():
-        ledger_path.unlink()  # one demo run, one ledger: the totals below are this run's
+    delete_ledger_file(ledger_path)  # one demo run, one ledger: the totals below are this run's
     settings = load_settings(config)
     with tempfile.TemporaryDirectory(prefix="milliwatt-demo-cache-") as tmp:
         out.write("milliwatt demo: starting the remote stand-in and loading models (first step may take a few seconds)\n")
-        async with remote_settings(settings.frontier_model) as remote:
+        async with remote_settings(settings) as remote:
             data = settings.model_dump()
             data["remote"] = {**data["remote"], **remote}
             data["ledger"] = f"sqlite:///{ledger_path}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -34,6 +34,20 @@ class CpuCoefficients:
     @property
     def basis(self) -> str:
         return f"cpu-time x {self.low_w}/{self.point_w}/{self.high_w} W per vCPU"
+
+    @classmethod
+    def from_setting(cls, value: object, where: str) -> CpuCoefficients | None:
+        """A tier's ``cpu`` setting: coefficients, a mapping of low_w/point_w/high_w, or None."""
+        from .errors import ConfigError
+
+        if value is None or isinstance(value, CpuCoefficients):
+            return value
+        if isinstance(value, Mapping):
+            try:
+                return cls(**value)
+            except TypeError as e:
+                raise ConfigError(where, f"{e} (known: low_w, point_w, high_w)") from None
+        raise ConfigError(where, f"must be a mapping of low_w, point_w, high_w, got {type(value).__name__}")
 
 
 def cpu_energy(cpu_seconds: float, coeff: CpuCoefficients = CpuCoefficients()) -> Energy:

@@ -14,7 +14,7 @@ as an ordinary pass with its reason.
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from .tier import Tier
@@ -40,7 +40,8 @@ class FutilityGuard(Tier):
     window: int = 20
     min_answer_rate: float = 0.05
     probe_every: int = 10
-    _history: dict[str, _History] = field(default_factory=dict, init=False, repr=False)
+    max_kinds: int = 4096  # kinds of step remembered, least recently seen dropped first
+    _history: OrderedDict[str, _History] = field(default_factory=OrderedDict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.probe_every < 1 or not 0 <= self.min_answer_rate <= 1:
@@ -49,7 +50,11 @@ class FutilityGuard(Tier):
         self.token_budget = self.inner.token_budget
 
     async def attempt(self, step: Step) -> TierResult:
-        history = self._history.setdefault(step_kind(step), _History(deque(maxlen=self.window)))
+        kind = step_kind(step)
+        history = self._history.setdefault(kind, _History(deque(maxlen=self.window)))
+        self._history.move_to_end(kind)
+        if len(self._history) > self.max_kinds:
+            self._history.popitem(last=False)
         full = len(history.outcomes) == self.window
         answered = sum(history.outcomes)
         if full and answered < self.min_answer_rate * self.window:

@@ -617,3 +617,11 @@ class Ledger:
             for a in conn.execute(attempts).mappings():
                 by_id[a["step_id"]]["attempts"].append(dict(a))
         return steps
+
+
+def delete_ledger_file(path: str | Path) -> None:
+    """Remove an SQLite ledger file with its WAL and shared-memory files, so a run that
+    starts a fresh ledger cannot have a stale journal replayed into it."""
+    path = Path(path)
+    for stale in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))):
+        stale.unlink(missing_ok=True)

@@ -73,10 +73,14 @@ def _local(section: dict[str, Any], settings: Settings) -> Tier:
     budget = section.pop("token_budget", 2048)
     gate_keys = {k: section.pop(k) for k in ("quantile", "threshold") if k in section}
     futility = section.pop("futility", {})
+    try:
+        gate = ConfidenceGate(**gate_keys)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("local.quantile/threshold", str(e)) from None
     tier: Tier = ModelTier(
         "local",
         LlamaCppBackend.from_settings(section),
-        gate=ConfidenceGate(**gate_keys),
+        gate=gate,
         token_budget=budget,
         cpu=cpu_coefficients(settings),
     )
@@ -97,7 +101,20 @@ def _remote(section: dict[str, Any], settings: Settings) -> Tier:
 
     section = {"model": settings.frontier_model, **section}
     budget = section.pop("token_budget", None)
-    return ModelTier("remote", LiteLLMBackend.from_settings(section), token_budget=budget)
+    backend = LiteLLMBackend.from_settings(section)
+    check_energy_model(backend.energy_model or backend.model, "remote.energy_model")
+    return ModelTier("remote", backend, token_budget=budget)
+
+
+def check_energy_model(model: str, where: str) -> None:
+    """Fail at start-up, naming the setting, when EcoLogits cannot estimate ``model``: a step
+    answered and paid for must not then fail on its energy figure. Warms EcoLogits too."""
+    from .energy import RemoteEnergyModel
+
+    try:
+        RemoteEnergyModel().estimate(model, 1, 1)
+    except ValueError as e:
+        raise ConfigError(where, f"{e}; set {where} to a model EcoLogits knows") from None
 
 
 register_tier("rules", _rules)

@@ -96,6 +96,7 @@ async def replay(
     from .client import Milliwatt
     from .config import load_settings
     from .ids import new_step_id
+    from .ledger import delete_ledger_file
     from .report import summarize
 
     steps = trace.steps[:limit] if limit is not None else trace.steps
@@ -113,9 +114,7 @@ async def replay(
     data["remote"] = {**kept, "model": f"{PROVIDER}/{model}", "label": label, "energy_model": frontier}
     data["cache"] = {**data["cache"], "path": None}  # in memory: a fresh cache every run
     ledger_path = Path(ledger)
-    # One replay, one ledger: the summary is this run's. SQLite's journal files go with it.
-    for stale in (ledger_path, *(ledger_path.with_name(ledger_path.name + s) for s in ("-wal", "-shm"))):
-        stale.unlink(missing_ok=True)
+    delete_ledger_file(ledger_path)  # one replay, one ledger: the summary is this run's
     data["ledger"] = f"sqlite:///{ledger_path}"
 
     run_id = f"replay-{trace.format}-{new_step_id()}"

@@ -10,8 +10,9 @@ Two moves, cheapest loss first:
    reject one without the other). System and developer prompts are always kept, and so is
    the newest unit (the one being answered).
 
-If the kept minimum still exceeds the budget, the result says ``fits=False`` and the tier
-decides (the local tier passes; rules and cache only read the tail anyway).
+If the kept minimum still exceeds the budget, the result says ``fits=False`` and the step is
+sent as trimmed as it can be: the tier decides (llama.cpp reports the overflow of its window
+and the local tier passes; rules and cache read only the tail anyway).
 """
 
 from __future__ import annotations

@@ -61,15 +61,6 @@ class Energy:
             basis,
         )
 
-    def as_dict(self) -> dict[str, float | str]:
-        return {
-            "method": self.method,
-            "low": self.low_wh,
-            "point": self.point_wh,
-            "high": self.high_wh,
-            "basis": self.basis,
-        }
-
 
 def savings_factor(baseline: Energy, cascade: Energy) -> dict[str, float | None]:
     """The factor baseline / cascade as a range: low = base.low / casc.high, high = base.high / casc.low."""
@@ -138,6 +129,8 @@ class Step:
         unknown = sorted(set(opts) - _OPTION_KEYS)
         if unknown:
             raise InvalidRequestError(f"options.{unknown[0]}", f"unknown sampling option (known: {', '.join(sorted(_OPTION_KEYS))})")
+        for key, value in opts.items():
+            _validate_option(key, value)
         return cls(tuple(msgs), tuple(tls), tool_choice, response_format, opts, meta or StepMeta())
 
     # Conveniences the tiers all need.
@@ -172,6 +165,26 @@ class Step:
             req["response_format"] = self.response_format
         req.update(self.options)
         return req
+
+
+_NUMBER_OPTIONS = {"temperature", "top_p", "presence_penalty", "frequency_penalty"}
+_INT_OPTIONS = {"max_tokens", "seed", "n", "top_logprobs"}
+_BOOL_OPTIONS = {"logprobs", "parallel_tool_calls"}
+
+
+def _validate_option(key: str, value: Any) -> None:
+    """Types checked here, so a wrong one is named now, not failing deep inside a tier."""
+    if value is None:
+        return
+    where = f"options.{key}"
+    if key in _NUMBER_OPTIONS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise InvalidRequestError(where, f"must be a number, got {value!r}")
+    if key in _INT_OPTIONS and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InvalidRequestError(where, f"must be a whole number, got {value!r}")
+    if key in _BOOL_OPTIONS and not isinstance(value, bool):
+        raise InvalidRequestError(where, f"must be true or false, got {value!r}")
+    if key == "stop" and not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))):
+        raise InvalidRequestError(where, f"must be a string or a list of strings, got {value!r}")
 
 
 def content_text(content: Any) -> str:

@@ -57,3 +57,24 @@ def test_rules_check_cli_reports_file_and_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{bad}:4" in err
     assert main(["rules", "check"]) == 0
+
+
+def test_a_cache_section_keeps_persistence_unless_it_says_otherwise():
+    assert load_settings({"cache": {"threshold": 0.95}}).cache == {"path": ".milliwatt/cache", "threshold": 0.95}
+    assert load_settings({"cache": {"path": None}}).cache["path"] is None
+
+
+def test_cpu_watts_must_be_ordered():
+    with pytest.raises(ConfigError, match="energy"):
+        load_settings({"energy": {"cpu_watts_low": 5}})
+
+
+def test_a_single_rule_pack_path_is_relative_to_the_config_file(tmp_path):
+    cfg = tmp_path / "mw.yaml"
+    cfg.write_text("rules:\n  packs: my.yaml\n")
+    assert load_settings(cfg).rules["packs"] == [str(tmp_path / "my.yaml")]
+
+
+def test_a_frontier_model_ecologits_does_not_know_is_refused_at_start():
+    with pytest.raises(ConfigError, match="frontier_model"):
+        Milliwatt.from_config({"frontier_model": "ollama/llama3", "tiers": ["rules"], "ledger": None})

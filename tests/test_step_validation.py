@@ -77,3 +77,14 @@ def test_a_full_tool_loop_validates_and_round_trips():
     assert step.system_text == "sys"
     req = step.to_openai()
     assert req["messages"] == msgs and req["tools"] == [TOOL] and req["tool_choice"] == "auto" and req["temperature"] == 0
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [({"temperature": "0.7"}, "options.temperature"), ({"n": "2"}, "options.n"), ({"max_tokens": 1.5}, "options.max_tokens"),
+     ({"stop": 3}, "options.stop"), ({"logprobs": 1}, "options.logprobs")],
+)
+def test_sampling_option_types_are_checked(options, field):
+    with pytest.raises(InvalidRequestError) as err:
+        Step.create([{"role": "user", "content": "hi"}], options=options)
+    assert err.value.field == field
