@@ -1,4 +1,4 @@
-"""Model backends and the loopback server, imported lazily.
+"""Model backends, imported lazily.
 
 ``import milliwatt.adapters`` stays cheap: llama-cpp-python and litellm (about 5 s to
 import) load only when a backend is first used, not when this package is imported.
@@ -12,15 +12,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .litellm_backend import LiteLLMBackend
     from .llama_cpp import LlamaCppBackend, default_gguf_path
-    from .loopback import LoopbackServer
 
-__all__ = ["LiteLLMBackend", "LlamaCppBackend", "LoopbackServer", "default_gguf_path"]
+__all__ = ["LiteLLMBackend", "LlamaCppBackend", "default_gguf_path"]
 
 _WHERE = {
     "LiteLLMBackend": ".litellm_backend",
     "LlamaCppBackend": ".llama_cpp",
     "default_gguf_path": ".llama_cpp",
-    "LoopbackServer": ".loopback",
 }
 
 

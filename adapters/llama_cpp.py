@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import threading
 import json
 import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import numpy as np
 
 from milliwatt.energy import CpuTimer
 from milliwatt.errors import BackendError, ConfigError
-from milliwatt.tier import AbortCheck, Completion, ModelBackend
+from milliwatt.tier import AbortCheck, Completion, ModelBackend, current_spend
 from milliwatt.types import Step
 
 from . import tool_grammar
@@ -92,6 +93,17 @@ class _TokenLogprobs:
         return scores
 
 
+class _Call:
+    """Shared by a ``complete`` coroutine and its worker thread: the flag the coroutine sets
+    when it is cancelled, and the process CPU clock when decoding started."""
+
+    __slots__ = ("cancel", "cpu_t0")
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+        self.cpu_t0: float | None = None
+
+
 def _default_threads() -> int:
     # Past ~8 threads a small model's decode is memory-bound and extra threads only spin.
     return max(1, min(os.cpu_count() or 1, 8))
@@ -99,8 +111,6 @@ def _default_threads() -> int:
 
 class LlamaCppBackend(ModelBackend):
     """A GGUF chat model run in-process; see the module docstring for the design."""
-
-    SETTINGS = ("model_path", "n_ctx", "n_threads", "n_gpu_layers", "seed", "max_tokens", "chat_format", "prefix_cache_mb")
 
     def __init__(
         self,
@@ -132,13 +142,6 @@ class LlamaCppBackend(ModelBackend):
         # one is held by the worker thread itself, so a step cancelled while its thread still
         # decodes cannot let the next step (or aclose) into the same context.
         self._thread_lock = threading.Lock()
-
-    @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> LlamaCppBackend:
-        unknown = sorted(set(settings) - set(cls.SETTINGS))
-        if unknown:
-            raise ConfigError(f"local.{unknown[0]}", f"unknown setting (known: {', '.join(cls.SETTINGS)})")
-        return cls(**settings)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -172,16 +175,31 @@ class LlamaCppBackend(ModelBackend):
     # ------------------------------------------------------------------ completion
 
     async def complete(self, step: Step, *, abort: AbortCheck | None = None) -> Completion:
+        """See ``ModelBackend.complete``. Cancelling the awaiting coroutine stops the decode at
+        its next token (the prompt's evaluation, before the first token, runs to its end) and
+        adds the process CPU time used so far to the attempt's ``Spend``."""
         async with self._lock:
-            return await asyncio.to_thread(self._complete_locked, step, abort)
+            call = _Call()
+            try:
+                return await asyncio.to_thread(self._complete_locked, step, abort, call)
+            except asyncio.CancelledError:
+                call.cancel.set()
+                spend = current_spend()
+                if spend is not None and call.cpu_t0 is not None:
+                    spend.cpu_seconds += max(time.process_time() - call.cpu_t0, 0.0)
+                raise
 
-    def _complete_locked(self, step: Step, abort: AbortCheck | None) -> Completion:
+    def _complete_locked(self, step: Step, abort: AbortCheck | None, call: _Call | None = None) -> Completion:
+        call = call or _Call()
         with self._thread_lock:
+            if call.cancel.is_set():  # cancelled while waiting for the context: nothing to do
+                raise BackendError("cancelled before decoding", backend="llama.cpp", model=self.model)
             if self._llama is None:
                 self._llama = self._load()
-            return self._complete_sync(step, abort)
+            return self._complete_sync(step, abort, call)
 
-    def _complete_sync(self, step: Step, abort: AbortCheck | None) -> Completion:
+    def _complete_sync(self, step: Step, abort: AbortCheck | None, call: _Call | None = None) -> Completion:
+        call = call or _Call()
         llama = self._llama
         opts = step.options
         tools = tool_grammar.tool_mode(step)
@@ -223,9 +241,10 @@ class LlamaCppBackend(ModelBackend):
                 ) from e
 
         timer = CpuTimer("process")
+        call.cpu_t0 = time.process_time()
         try:
             with timer.measure():
-                text, finish, aborted = self._decode(llama, kwargs, recorder, judged, abort, max_tokens)
+                text, finish, aborted = self._decode(llama, kwargs, recorder, judged, abort, max_tokens, call.cancel)
         except ValueError as e:
             if "exceed context window" in str(e):
                 raise BackendError(f"context too long for local window ({e})", backend="llama.cpp", model=self.model) from e
@@ -265,8 +284,10 @@ class LlamaCppBackend(ModelBackend):
         judged: Callable[[list[int], list[float]], list[float]],
         abort: AbortCheck | None,
         max_tokens: int,
+        cancel: threading.Event | None = None,
     ) -> tuple[str, str | None, bool]:
-        """Stream the answer; stop as soon as ``abort`` says it cannot pass the gate.
+        """Stream the answer; stop as soon as ``abort`` says it cannot pass the gate, or
+        ``cancel`` is set (the awaiting step was cancelled: finish reason ``cancelled``).
 
         Streaming is the only way to stop early: llama-cpp-python's chat API takes no
         stopping criteria, and an exception raised in a logits processor is swallowed by
@@ -280,6 +301,8 @@ class LlamaCppBackend(ModelBackend):
                 choice = chunk["choices"][0]
                 parts.append(choice.get("delta", {}).get("content") or "")
                 finish = choice.get("finish_reason") or finish
+                if cancel is not None and finish is None and cancel.is_set():
+                    return "".join(parts), "cancelled", True
                 if abort is not None and finish is None and abort(judged(recorder.tokens, recorder.logprobs), max_tokens):
                     return "".join(parts), "aborted", True
         finally:

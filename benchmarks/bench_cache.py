@@ -69,7 +69,8 @@ async def _run(entries: int, queries: int) -> dict:
         if len(store_vecs):  # pad the same partition to n entries with random unit vectors
             store_vecs /= np.linalg.norm(store_vecs, axis=1, keepdims=True)
             for v in store_vecs:
-                tier.store.add(Entry(0, key.scope, key.tail, "", frozenset(), frozenset(), answer, "pad", 0.0), v)
+                tier.store.add(Entry(id=0, scope=key.scope, history=key.history, tail=key.tail, text="", literals=frozenset(),
+                                      message=answer, source="pad", created_at=0.0), v)
         times = []
         for _ in range(200):
             t = time.perf_counter()

@@ -40,9 +40,10 @@ def bench_import(runs: int = 7) -> dict:
 def bench_rules(n: int = 5000) -> dict:
     from milliwatt import Step, StepMeta
     from milliwatt.examples.support_agent import SYSTEM_PROMPT, TOOLS
+    from milliwatt.examples import SUPPORT_RULES
     from milliwatt.rules import RulesTier
 
-    tier = RulesTier()
+    tier = RulesTier(SUPPORT_RULES)
     meta = StepMeta(session_id="b", agent="support", tenant="acme")
     cases = {
         "tool call (order status)": "Where is my order 48213?",

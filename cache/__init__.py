@@ -1,8 +1,10 @@
 """milliwatt.cache: the semantic cache tier.
 
 Answers a step with a stored answer when a step in the same exact scope (instructions,
-tools, tenant, answer-shaping options) and with the same tool output since the last user
-message asked something close enough, with the same IDs and numbers. See docs/cache.md.
+tools, tenant, end user, answer-shaping options), with the same conversation before the
+last user message and the same tool output after it, asked something close enough in its
+last user message, with the same IDs and numbers. Tool calls are replayed only for tools
+declared read-only. See docs/cache.md.
 
 Heavy modules (sentence-transformers, torch, faiss) are imported on first use only.
 """

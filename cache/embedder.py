@@ -3,7 +3,9 @@
 One MiniLM query costs about 22 ms on 2 cores, a query inside a batch of 8-128 only
 3.5-6 ms, so concurrent steps' queries are collected for up to ``window_s`` (or until
 ``max_batch``) and encoded in one call in a worker thread: the event loop never waits on
-torch. The model and torch are imported on first use, not when milliwatt.cache is.
+torch. The model and torch are imported on first use, not when milliwatt.cache is. The
+model loads with ``local_files_only=True``: nothing downloads, and no environment variable
+(``HF_HUB_OFFLINE``) is needed or set.
 
 Each query is charged the process CPU time of its batch divided by the batch size.
 Process time (not thread time) because torch spreads one encode over its own threads;
@@ -78,7 +80,11 @@ class Embedder:
                 import torch
 
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            self._model = SentenceTransformer(self.model_path or bundled_model_path(), device=device)
+            # Offline by argument, not by HF_HUB_OFFLINE: the bundled files (or a local path, or a
+            # model already in the Hugging Face cache), never a download.
+            self._model = SentenceTransformer(
+                self.model_path or bundled_model_path(), device=device, local_files_only=True
+            )
         return self._model
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, float]:

@@ -1,38 +1,37 @@
-"""The key of a step inside its scope: a semantic text, an exact tail and literal guards.
+"""The key of a step inside its scope: the conversation, exactly, and the last user message.
 
-Embedding only the last message gives wrong hits in multi-turn agent contexts, so the key
-has three parts besides the scope:
+A cached answer may answer a new step only when everything it could depend on is the same,
+so the only part of a step compared by similarity is the last user message. Besides the
+scope (scope.py: instructions, tools, tenant, end user, answer-shaping options) the key has:
 
-* **semantic text** (embedded, compared by cosine): the last user message. When it is short
-  ("yes", "the second one") the previous assistant turn is prepended, because the answer
-  depends on what was asked: "Cancel reservation ABC123? yes" is not "Book flight 9? yes".
-* **tail** (exact): what happened after the last user message (the assistant's tool calls
-  and the tool results), hashed with call ids removed, together with the names of the tools
-  called before it, in order. A step that answers tool output only hits an entry made from
-  the very same tool output; and "yes, go ahead" only hits an entry from a conversation
-  that had got as far (the same tools called), since what "yes" starts depends on it.
+* **history** (exact): every user, assistant and tool message before the last user message,
+  content and tool calls included. Two users who looked up their own profiles, or a "yes"
+  to two different questions, have different histories and never share an entry.
+* **tail** (exact): the assistant's tool calls and the tool results after the last user
+  message (and any non-text parts of that message). A step that answers tool output only
+  hits an entry made from the very same tool output.
+* **semantic text** (embedded, compared by cosine): the text of the last user message.
 * **literals** (exact): tokens containing a digit (IDs, order numbers, dates, amounts) in
   the semantic text must be the same set in query and entry: MiniLM puts "order 123" and
   "order 124" at cosine ~0.98, and an answer about one is wrong for the other.
 
-A fourth guard, **grounding**, covers earlier turns outside the semantic text: a literal of
-the stored answer that came from the stored step's context (a user ID the user gave three
-turns ago, now an argument of a tool call) must also be in the new step's context.
-Literals the model produced itself (a computed total, a phone number) carry no such link.
+In history and tail, tool-call ids are replaced by their position in the conversation (ids
+are random per run; which call a result answers is what matters) and tool-call arguments
+are canonical JSON (key order and spacing are cosmetic).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from milliwatt.types import Message, Step, content_text
 
 from .scope import partition_key, scope_key, sha256_hex
 
-SHORT_USER_WORDS = 8  # a user message this short is read together with the turn before it
 _TOKEN = re.compile(r"[\w.,:/@#$€£%+\-]+")
 _STRIP = ".,:;/@#"
 _DIGIT = re.compile(r"\d")
@@ -51,83 +50,79 @@ def literal_tokens(texts: str | Iterable[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-def message_texts(m: Message) -> list[str]:
-    """The text a message carries: its content and its tool calls' arguments."""
-    texts = [content_text(m.get("content"))]
-    for call in m.get("tool_calls") or []:
-        texts.append(call["function"].get("arguments") or "")
-    return texts
-
-
 @dataclass(frozen=True)
 class StepKey:
     scope: str  # exact, see scope.py
-    tail: str  # exact hash of the tools called so far and the messages after the last user message
-    text: str  # what is embedded
+    history: str  # exact hash of the conversation before the last user message
+    tail: str  # exact hash of what follows the last user message
+    text: str  # the last user message's text: what is embedded
     literals: frozenset[str]  # digit-bearing tokens of ``text``: must be equal
-    context_literals: frozenset[str]  # digit-bearing tokens of the whole step (grounding)
 
     @property
     def partition(self) -> str:
-        return partition_key(self.scope, self.tail)
+        return partition_key(self.scope, self.history, self.tail)
+
+    @property
+    def history_key(self) -> str:
+        return partition_key(self.scope, self.history)
 
 
 def step_key(step: Step) -> StepKey:
     """Key a cacheable step (see ``uncacheable_reason``: it has a user message)."""
-    msgs = step.messages
+    msgs = [m for m in step.messages if m["role"] not in ("system", "developer")]  # those are in the scope
     last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+    canon = canonical_messages(msgs)
+    # The last user message's text is compared by similarity; anything else it carries
+    # (a name, images or files) is compared exactly, with the tail.
+    asked = canon[last_user]
     text = content_text(msgs[last_user].get("content")).strip()
-    if len(text.split()) < SHORT_USER_WORDS:
-        prev = next((m for m in reversed(msgs[:last_user]) if m["role"] == "assistant"), None)
-        prev_text = content_text(prev.get("content")).strip() if prev else ""
-        if prev_text:
-            text = f"{prev_text}\n{text}"
-    context = [t for m in msgs for t in message_texts(m)]
     return StepKey(
         scope=scope_key(step),
-        tail=tail_hash(msgs[last_user + 1 :], history=_tools_called(msgs[:last_user])),
+        history=sha256_hex(canon[:last_user]),
+        tail=sha256_hex([_without_text(asked), *canon[last_user + 1 :]]),
         text=text,
         literals=literal_tokens(text),
-        context_literals=literal_tokens(context),
     )
 
 
-def _tools_called(messages: Iterable[Message]) -> list[str]:
-    return [c["function"]["name"] for m in messages if m["role"] == "assistant" for c in m.get("tool_calls") or []]
-
-
-def tail_hash(tail: Iterable[Message], history: Iterable[str] = ()) -> str:
-    """Hash of assistant tool calls and tool results, with call ids replaced by their position
-    (ids are random per run; which call a result answers is what matters), and of the names
-    of the tools called before them."""
+def canonical_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """The messages as plain data that hashes the same whenever they mean the same: tool-call
+    ids replaced by their position, arguments parsed, ``None`` content read as empty."""
     positions: dict[str, int] = {}
-    canon: list[dict | list[str]] = [list(history)]
-    for m in tail:
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        c: dict[str, Any] = {"role": m["role"], "content": _canonical_content(m.get("content"))}
+        if m.get("name"):
+            c["name"] = m["name"]
         if m["role"] == "assistant":
             calls = []
             for call in m.get("tool_calls") or []:
-                positions[call["id"]] = len(positions)
+                positions.setdefault(call["id"], len(positions))
                 calls.append([call["function"]["name"], _canonical_args(call["function"].get("arguments"))])
-            canon.append({"role": "assistant", "content": content_text(m.get("content")), "calls": calls})
-        else:
-            canon.append(
-                {
-                    "role": m["role"],
-                    "call": positions.get(m.get("tool_call_id", ""), -1),
-                    "content": content_text(m.get("content")),
-                }
-            )
-    return sha256_hex(canon)
+            c["calls"] = calls
+            if m.get("refusal"):
+                c["refusal"] = m["refusal"]
+        elif m["role"] == "tool":
+            c["call"] = positions.get(m.get("tool_call_id", ""), -1)
+        out.append(c)
+    return out
 
 
-EMPTY_TAIL = tail_hash(())  # a step whose last message is the user's
+def _canonical_content(content: Any) -> Any:
+    """A string for text (plain or in text parts), else the list of parts as given."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return content_text(content)
+    return content
+
+
+def _without_text(canon: dict[str, Any]) -> dict[str, Any]:
+    content = canon["content"]
+    parts = [p for p in content if not (isinstance(p, dict) and p.get("type") == "text")] if isinstance(content, list) else []
+    return {**canon, "content": parts}
 
 
 def _canonical_args(arguments: str | None) -> object:
     # Step.create has checked the JSON; key order and spacing must not change the hash.
     return json.loads(arguments or "{}")
-
-
-def grounded_literals(answer: Message, key: StepKey) -> frozenset[str]:
-    """Literals of an answer that were taken from the step's context (so they depend on it)."""
-    return literal_tokens(message_texts(answer)) & key.context_literals

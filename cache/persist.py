@@ -5,18 +5,24 @@ The folder holds two files:
 * ``index.faiss``: every entry's vector in one ``IndexIDMap2(IndexFlatIP)`` (ids = entry ids),
   written with FAISS's own serialisation;
 * ``entries.json``: the entries (keys, literals, answer, source, times, hits), the embedding
-  model they were made with, and the sha256 of ``index.faiss``.
+  model and the key version (``SCOPE_VERSION``) they were made with, and the sha256 of
+  ``index.faiss``.
 
 Each file is written to a temporary name, flushed to disk and renamed over the old one, so
 a crash never leaves a half-written file. The two renames are not one atomic step, so the
 sidecar records the index's sha256: a pair from different saves is refused with an error
 naming the file, instead of serving answers under the wrong vectors.
+
+Entries made under another key (format version 1, or another ``SCOPE_VERSION``) can never
+match a step keyed today: a folder of them loads as an empty cache (with a warning), and the
+next save replaces it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -25,12 +31,16 @@ import numpy as np
 
 from milliwatt.errors import ConfigError
 
+from .scope import SCOPE_VERSION
 from .store import Entry, Store
 
 INDEX_FILE = "index.faiss"
 ENTRIES_FILE = "entries.json"
 FORMAT = "milliwatt-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entries carry "history" and no "grounded"; the doc carries "key"
+_STALE_VERSIONS = {1}  # readable enough to know its entries can never match: dropped
+
+log = logging.getLogger("milliwatt")
 
 
 class CacheFileError(ConfigError):
@@ -50,6 +60,7 @@ def save(store: Store, folder: str | os.PathLike[str], model: str) -> None:
     doc = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
+        "key": SCOPE_VERSION,
         "model": model,
         "dim": vecs.shape[1],
         "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
@@ -81,6 +92,13 @@ def load(store: Store, folder: str | os.PathLike[str], model: str) -> int:
         raise CacheFileError(str(entries_path), f"not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CacheFileError(str(entries_path), f"not a milliwatt cache file (expected format {FORMAT!r})")
+    if doc.get("version") in _STALE_VERSIONS or (doc.get("version") == FORMAT_VERSION and doc.get("key") != SCOPE_VERSION):
+        stale = doc.get("entries")
+        log.warning(
+            "cache %s: its %s entries were keyed under %s, not %s; they can never match and are dropped",
+            folder, len(stale) if isinstance(stale, list) else "?", doc.get("key", "mw-cache-scope/1"), SCOPE_VERSION,
+        )
+        return 0
     if doc.get("version") != FORMAT_VERSION:
         raise CacheFileError(str(entries_path), f"format version {doc.get('version')!r}, this milliwatt reads {FORMAT_VERSION}")
     if doc.get("model") != model:
@@ -132,10 +150,10 @@ def _entry_to_json(e: Entry) -> dict[str, Any]:
     return {
         "id": e.id,
         "scope": e.scope,
+        "history": e.history,
         "tail": e.tail,
         "text": e.text,
         "literals": sorted(e.literals),
-        "grounded": sorted(e.grounded),
         "message": e.message,
         "source": e.source,
         "created_at": e.created_at,
@@ -151,10 +169,10 @@ def _entry_from_json(raw: Any, where: str) -> Entry:
         return Entry(
             id=int(raw["id"]),
             scope=str(raw["scope"]),
+            history=str(raw["history"]),
             tail=str(raw["tail"]),
             text=str(raw["text"]),
             literals=frozenset(raw["literals"]),
-            grounded=frozenset(raw["grounded"]),
             message=dict(raw["message"]),
             source=str(raw["source"]),
             created_at=float(raw["created_at"]),

@@ -1,4 +1,4 @@
-"""Exact scope of a step: everything besides the question itself that changes the answer.
+"""Exact scope of a step: everything besides the conversation itself that changes the answer.
 
 Two steps may share a cached answer only when their scope keys are equal. The key is the
 sha256 of canonical JSON (sorted keys, no whitespace) of:
@@ -7,14 +7,16 @@ sha256 of canonical JSON (sorted keys, no whitespace) of:
 * the tool schemas, sorted by function name (their order in the list does not change
   which tool fits; their contents do);
 * ``tool_choice`` and ``response_format`` (they constrain the shape of the answer);
-* the tenant (``step.meta.tenant``): no hit ever crosses tenants;
+* the tenant (``step.meta.tenant``) and the end user (``step.meta.user``): no hit ever
+  crosses tenants, nor end users when the caller names them;
 * the options that change what a correct answer looks like: ``max_tokens`` (a cap
   truncates), ``stop`` and ``parallel_tool_calls``.
 
 Sampling options (temperature, top_p, penalties, seed) are deliberately left out: they
 change how varied answers are, not which answer is right, and keying on them would split
 one agent's cache by incidental settings. Steps that ask for variety are not cached at
-all (see ``uncacheable_reason``).
+all (see ``uncacheable_reason``). The conversation (every turn before the last user
+message, and what follows it) is keyed exactly in key.py.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from typing import Any
 
 from milliwatt.types import Step, content_text
 
-SCOPE_VERSION = "mw-cache-scope/1"  # bump when the key's contents change: old entries then never match
+# Bump when the key's contents change: entries made under another version never match
+# (persist.py drops them at load). 2: the end user in the scope, the whole conversation
+# before the last user message in the partition, only the last user message embedded.
+SCOPE_VERSION = "mw-cache-scope/2"
 _SCOPE_OPTIONS = ("max_tokens", "stop", "parallel_tool_calls")
 
 
@@ -52,6 +57,7 @@ def scope_key(step: Step) -> str:
             "tool_choice": step.tool_choice,
             "response_format": step.response_format,
             "tenant": step.meta.tenant,
+            "user": step.meta.user,
             "options": options,
         }
     )
@@ -76,6 +82,8 @@ def uncacheable_reason(step: Step) -> str | None:
     return None
 
 
-def partition_key(scope: str, tail: str) -> str:
-    """Entries are searched only within (scope, tail): both must match exactly."""
-    return sha256_hex([scope, tail])
+def partition_key(*parts: str) -> str:
+    """The key of a group of exact key parts: (scope, history) or (scope, history, tail).
+
+    Entries are searched only within their (scope, history, tail) partition."""
+    return sha256_hex(list(parts))

@@ -1,15 +1,23 @@
 """The semantic cache tier: answer a step with a stored answer to a step close enough to it.
 
-A hit needs, in order: the same scope (scope.py) and tail (key.py), exactly; a cosine
-similarity of the semantic texts at or above ``threshold``; an unexpired entry; the same
-digit-bearing literals; and every context literal the stored answer used present in the
-new step. Anything less is a pass with the reason, so the ledger says why the cache missed.
+A hit needs, in order: the same scope (scope.py), history and tail (key.py), exactly; a
+cosine similarity of the last user messages at or above ``threshold``; an unexpired entry;
+tool calls (if the answer has any) only to tools declared read-only; and the same
+digit-bearing literals. Anything less is a pass with the reason, so the ledger says why the
+cache missed.
+
+A tool call served from the cache is executed again by the agent, so only calls to tools
+without side effects may be: ``tool_policy`` maps tool names to ``"read_only"`` or
+``"never"``; a tool it does not name counts as read-only only if its schema carries the MCP
+annotation ``readOnlyHint: true``. The policy is applied when an answer is stored and again
+when an entry would answer (a persisted cache may outlive a policy change).
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -18,13 +26,13 @@ from typing import Any
 import numpy as np
 
 from milliwatt.energy import CpuCoefficients, CpuTimer, cpu_energy
-from milliwatt.errors import ConfigError
+from milliwatt.errors import ConfigError, InvalidRequestError
 from milliwatt.tier import Tier
 from milliwatt.types import Message, Step, TierResult
 
 from . import persist
 from .embedder import Embedder
-from .key import EMPTY_TAIL, StepKey, grounded_literals, step_key
+from .key import StepKey, step_key
 from .scope import uncacheable_reason
 from .store import Entry, Store
 
@@ -37,13 +45,14 @@ DEFAULT_TTL_S = 24 * 3600.0  # answers about bookings, stock or status go stale
 DEFAULT_MAX_ENTRIES = 50_000  # ~75 MB of vectors
 SEARCH_K = 8  # candidates checked against the exact guards, best first
 PURGE_EVERY_S = 60.0
-_SETTINGS = {"path", "threshold", "ttl_s", "max_entries", "token_budget", "cpu"}
+TOOL_POLICIES = ("read_only", "never")
 
 
 class CacheTier(Tier):
     name = "cache"
-    # No trimming by default: the key reads only the last user message and what follows it
-    # (key.py), so a budget could only cut the user message away from a long agent prompt.
+    # No trimming by default: the key hashes the whole conversation (key.py), and keys the
+    # step as the cache sees it; a trimmed step's key is blind to what trimming cut away (an
+    # older tool result), so two contexts that differ only there would share answers.
     token_budget: int | None = None
 
     def __init__(
@@ -54,6 +63,7 @@ class CacheTier(Tier):
         ttl_s: float | None = DEFAULT_TTL_S,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         token_budget: int | None = None,
+        tool_policy: Mapping[str, str] | None = None,
         embedder: Embedder | None = None,
         coefficients: CpuCoefficients = CpuCoefficients(),
         clock: Callable[[], float] = time.time,
@@ -64,6 +74,7 @@ class CacheTier(Tier):
             raise ConfigError("cache.ttl_s", f"must be > 0 seconds or null (no expiry), got {ttl_s}")
         if max_entries < 1:
             raise ConfigError("cache.max_entries", f"must be >= 1, got {max_entries}")
+        self.tool_policy = _check_tool_policy(tool_policy)
         self.path = path
         self.threshold = threshold
         self.ttl_s = ttl_s
@@ -80,43 +91,29 @@ class CacheTier(Tier):
             persist.load(self.store, path, self.embedder.name)
             self.store.purge_expired(clock())
 
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> CacheTier:
-        """Build from the ``cache`` section of the configuration (unknown keys are an error)."""
-        unknown = sorted(set(settings) - _SETTINGS)
-        if unknown:
-            raise ConfigError(f"cache.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(_SETTINGS))})")
-        kw: dict[str, Any] = {}
-        cpu = CpuCoefficients.from_setting(settings.get("cpu"), "cache.cpu")
-        if cpu is not None:
-            kw["coefficients"] = cpu
-        if settings.get("path") is not None:
-            kw["path"] = str(settings["path"])
-        for key, kind in (("threshold", float), ("ttl_s", float), ("max_entries", int), ("token_budget", int)):
-            if key not in settings:
-                continue
-            value = settings[key]
-            if value is None and key in ("ttl_s", "token_budget"):
-                kw[key] = None
-            elif isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value)):
-                kw[key] = kind(value)
-            else:
-                raise ConfigError(f"cache.{key}", f"must be a {'number' if kind is float else 'whole number'}, got {value!r}")
-        return cls(**kw)
-
     # ------------------------------------------------------------------ lookup
 
     async def attempt(self, step: Step) -> TierResult:
+        """Answer from the cache, or pass with the reason. Errors of MiniLM or FAISS are raised,
+        not turned into a pass: the cascade records them and goes on."""
         timer = CpuTimer("thread")
         with timer.measure():
-            why_not = uncacheable_reason(step)
+            if _step_ttl(step, self.ttl_s) == 0:
+                why_not: str | None = "cache_ttl_s is 0 for this step"
+            else:
+                why_not = uncacheable_reason(step)
+                why_not = why_not and f"not cacheable: {why_not}"
             key = None if why_not else step_key(step)
         if key is None:
-            return self._pass(f"not cacheable: {why_not}", timer.seconds)
+            return self._pass(str(why_not), timer.seconds)
         if not self.store.has_partition(key.partition):
             where = f"scope {key.scope[:6]}"
-            other_tail = key.tail != EMPTY_TAIL and self.store.has_scope(key.scope)
-            reason = f"no entry with these tool calls and outputs in {where}" if other_tail else f"no entry in {where}"
+            if not self.store.has_scope(key.scope):
+                reason = f"no entry in {where}"
+            elif not self.store.has_history(key.history_key):
+                reason = f"no entry with these earlier turns in {where}"
+            else:
+                reason = f"no entry with these tool calls and outputs in {where}"
             return self._pass(reason, timer.seconds)
 
         vector, embed_cpu = await self.embedder.embed(key.text)
@@ -128,7 +125,7 @@ class CacheTier(Tier):
         for entry, sim in candidates:
             if sim < self.threshold:
                 break
-            why = self._guard(entry, key, now)
+            why = self._guard(entry, key, step, now)
             if why is None:
                 entry.hits += 1
                 return TierResult(
@@ -153,17 +150,33 @@ class CacheTier(Tier):
             found = self.store.search(key.partition, vector, SEARCH_K)
         return found, timer.seconds
 
-    @staticmethod
-    def _guard(entry: Entry, key: StepKey, now: float) -> str | None:
-        """Why a close-enough entry must still not answer; None if it may."""
+    def _guard(self, entry: Entry, key: StepKey, step: Step, now: float) -> str | None:
+        """Why a close-enough entry of the same partition must still not answer; None if it may."""
         if entry.expired(now):
             return "expired"
+        tool = self._unsafe_tool(entry.message, step)
+        if tool is not None:
+            return f"tool {tool} is not declared read-only"
         if entry.literals != key.literals:
             return f"literal mismatch: {_fmt(key.literals - entry.literals)} (step) vs {_fmt(entry.literals - key.literals)} (entry)"
-        missing = entry.grounded - key.context_literals
-        if missing:
-            return f"answer uses {_fmt(missing)}, absent from this step"
         return None
+
+    def _unsafe_tool(self, message: Message, step: Step) -> str | None:
+        """The first tool called in ``message`` that may not be replayed, or None."""
+        for call in message.get("tool_calls") or []:
+            name = call["function"]["name"]
+            if not self._read_only(name, step):
+                return name
+        return None
+
+    def _read_only(self, name: str, step: Step) -> bool:
+        policy = self.tool_policy.get(name)
+        if policy is not None:
+            return policy == "read_only"
+        tool = step.tool(name)  # absent (a call to a tool the step does not offer): never
+        return tool is not None and (
+            _annotations(tool.get("function")).get("readOnlyHint") is True or _annotations(tool).get("readOnlyHint") is True
+        )
 
     def _pass(self, reason: str, cpu_s: float, signal: float | None = None) -> TierResult:
         return TierResult.passed(self.name, reason, energy=cpu_energy(cpu_s, self.coefficients), signal=signal)
@@ -172,15 +185,16 @@ class CacheTier(Tier):
 
     async def remember(self, step: Step, message: Message, answered_by: str, *, model: str | None = None) -> None:
         """Store a model tier's answer. Skipped: the cache's own answers, steps that may not
-        be cached (see ``uncacheable_reason``), answers with neither content nor tool calls,
-        refusals, and steps whose ``meta.extra["cache_ttl_s"]`` is 0."""
+        be cached (see ``uncacheable_reason``), steps whose ``meta.extra["cache_ttl_s"]`` is 0,
+        answers with neither content nor tool calls, refusals, and answers that call a tool
+        not declared read-only."""
         if answered_by == self.name or uncacheable_reason(step):
             return
-        ttl = step.meta.extra.get("cache_ttl_s", self.ttl_s)
-        if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
+        ttl = _step_ttl(step, self.ttl_s)
+        if ttl == 0:
             return
         answer = _clean_answer(message)
-        if answer is None:
+        if answer is None or self._unsafe_tool(answer, step) is not None:
             return
         key = step_key(step)
         vector, _ = await self.embedder.embed(key.text)
@@ -188,10 +202,10 @@ class CacheTier(Tier):
         entry = Entry(
             id=0,
             scope=key.scope,
+            history=key.history,
             tail=key.tail,
             text=key.text,
             literals=key.literals,
-            grounded=grounded_literals(answer, key),
             message=answer,
             source=model or answered_by,
             created_at=now,
@@ -200,6 +214,8 @@ class CacheTier(Tier):
         await asyncio.to_thread(self._add, entry, vector, now)
 
     def _add(self, entry: Entry, vector: np.ndarray, now: float) -> None:
+        # Each store write is all or nothing (store.py): if one fails, the store is as it
+        # was before that write, and the error goes to the caller.
         self.store.add(entry, vector)
         if now - self._last_purge >= PURGE_EVERY_S:
             self._last_purge = now
@@ -219,6 +235,39 @@ class CacheTier(Tier):
         await asyncio.to_thread(self.save)
         if self._owns_embedder:
             self.embedder.close()
+
+
+def _check_tool_policy(policy: Mapping[str, str] | None) -> dict[str, str]:
+    if policy is None:
+        return {}
+    if not isinstance(policy, Mapping):
+        raise ConfigError("cache.tool_policy", f"must map tool names to 'read_only' or 'never', got {policy!r}")
+    for name, value in policy.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError("cache.tool_policy", f"tool names must be non-empty strings, got {name!r}")
+        if value not in TOOL_POLICIES:
+            raise ConfigError("cache.tool_policy", f"{name}: must be 'read_only' or 'never', got {value!r}")
+    return dict(policy)
+
+
+def _annotations(obj: Any) -> Mapping[str, Any]:
+    ann = obj.get("annotations") if isinstance(obj, Mapping) else None
+    return ann if isinstance(ann, Mapping) else {}
+
+
+def _step_ttl(step: Step, default: float | None) -> float | None:
+    """The lifetime of the step's answer in the cache: ``meta.extra["cache_ttl_s"]`` (0: do not
+    cache this step; None: no expiry), else the tier's default."""
+    if "cache_ttl_s" not in step.meta.extra:
+        return default
+    ttl = step.meta.extra["cache_ttl_s"]
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or math.isnan(ttl) or ttl < 0:
+        raise InvalidRequestError(
+            "meta.extra.cache_ttl_s", f"must be a number of seconds >= 0 (0: do not cache this step) or null (no expiry), got {ttl!r}"
+        )
+    return float(ttl)
 
 
 def _clean_answer(message: Message) -> Message | None:

@@ -1,1 +1,7 @@
 """Example agents, shipped as ``milliwatt.examples`` so ``milliwatt demo`` can run them."""
+
+from pathlib import Path
+
+# The demo's rule pack: it answers the example support agent's deterministic steps. It is
+# data of the demo, named explicitly by the demo; no default configuration loads it.
+SUPPORT_RULES = Path(__file__).with_name("support_rules.yaml")

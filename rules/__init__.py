@@ -6,7 +6,7 @@ to another tier. See docs/rules.md for the file format.
 """
 
 from .engine import Evaluation, Rule, RuleMatch, RuleSet
-from .loader import BUNDLED_PACKS, check, load_rules
+from .loader import check, load_rules
 from .tier import RulesTier
 
-__all__ = ["BUNDLED_PACKS", "Evaluation", "Rule", "RuleMatch", "RuleSet", "RulesTier", "check", "load_rules"]
+__all__ = ["Evaluation", "Rule", "RuleMatch", "RuleSet", "RulesTier", "check", "load_rules"]

@@ -26,8 +26,6 @@ from .conditions import META_KEYS, Conditions, KeywordSet, words_of
 from .engine import Rule, RuleSet
 from .templates import Template, TemplateError
 
-BUNDLED_PACKS = Path(__file__).parent / "packs"
-
 PathsLike = str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
 
 FILE_KEYS = ("pack", "version", "description", "scope", "rules")
@@ -42,7 +40,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 Entries = dict[str, tuple[Node, Node]]  # key -> (key node, value node)
 
 
-def load_rules(paths: PathsLike = BUNDLED_PACKS) -> RuleSet:
+def load_rules(paths: PathsLike) -> RuleSet:
     """Load rule files and folders of ``*.yaml`` into one RuleSet; raise the first RuleFileError."""
     rules = [rule for f in rule_files(paths) for rule in load_file(f)]
     duplicates = _duplicates(rules)
@@ -51,7 +49,7 @@ def load_rules(paths: PathsLike = BUNDLED_PACKS) -> RuleSet:
     return RuleSet(rules)
 
 
-def check(paths: PathsLike = BUNDLED_PACKS) -> list[RuleFileError]:
+def check(paths: PathsLike) -> list[RuleFileError]:
     """Every problem in the given rule files (the first of each file, then duplicate ids);
     an empty list means ``load_rules(paths)`` will succeed. For ``milliwatt rules check``."""
     try:

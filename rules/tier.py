@@ -7,18 +7,12 @@ time of the match, so concurrent steps do not charge each other.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from milliwatt.energy import CpuCoefficients, CpuTimer, cpu_energy
-from milliwatt.errors import ConfigError
 from milliwatt.tier import Tier
 from milliwatt.types import Step, TierResult
 
 from .engine import RuleSet
-from .loader import BUNDLED_PACKS, PathsLike, load_rules, path_list
-
-SETTINGS_KEYS = ("packs", "cpu")
+from .loader import PathsLike, load_rules, path_list
 
 
 class RulesTier(Tier):
@@ -31,22 +25,13 @@ class RulesTier(Tier):
 
     name = "rules"
 
-    def __init__(self, packs: PathsLike = BUNDLED_PACKS, *, cpu: CpuCoefficients | None = None) -> None:
+    def __init__(self, packs: PathsLike = (), *, cpu: CpuCoefficients | None = None) -> None:
+        """``packs``: rule files and folders of ``*.yaml``; none by default, so a rules tier
+        answers nothing until a team gives it rules."""
         self._cpu = cpu or CpuCoefficients()
         self._packs: list[str] = []
         self._ruleset = RuleSet()
         self.load(packs)
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> RulesTier:
-        """Build from the ``rules`` section of the configuration: ``packs`` (a path or a list of
-        paths, default the bundled packs folder) and ``cpu`` (watts per vCPU: a CpuCoefficients
-        or a mapping of ``low_w``/``point_w``/``high_w``)."""
-        unknown = sorted(set(settings) - set(SETTINGS_KEYS))
-        if unknown:
-            raise ConfigError(f"rules.{unknown[0]}", f"unknown setting (known: {', '.join(SETTINGS_KEYS)})")
-        cpu = CpuCoefficients.from_setting(settings.get("cpu"), "rules.cpu")
-        return cls(settings.get("packs", BUNDLED_PACKS), cpu=cpu)
 
     @property
     def ruleset(self) -> RuleSet:

@@ -3,9 +3,9 @@
 The public API is what ``__all__`` lists; tests/test_public_api.py pins it.
 """
 
-from ._offline import apply_offline_defaults
-
-apply_offline_defaults()
+# Nothing here changes the host's environment: each library is kept offline where it is
+# used (sdk/_offline.py). The redaction module puts its filter on the "milliwatt" logger.
+from . import redaction  # noqa: F401
 
 from .errors import (  # noqa: E402
     BackendError,

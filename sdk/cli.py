@@ -8,8 +8,8 @@ import json
 import sys
 
 from .errors import MilliwattError
-from .replay import add_arguments as replay_arguments
-from .replay import run as run_replay
+from .evaluation.replay import add_arguments as replay_arguments
+from .evaluation.replay import run as run_replay
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     rules = sub.add_parser("rules", help="work with rule packs")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_sub.add_parser("check", help="validate rule files; print every error with file and line")
-    check.add_argument("paths", nargs="*", help="rule files or folders (default: the bundled packs)")
+    check.add_argument("paths", nargs="*", help="rule files or folders (default: the packs of --config)")
+    check.add_argument("--config", help="a YAML or TOML configuration file whose rules.packs to check")
     return p
 
 
@@ -39,19 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from .demo import run_demo
+            from milliwatt.examples.demo import run_demo
 
             summary = asyncio.run(run_demo(ledger=args.ledger, config=args.config, cache_path=args.cache, out=sys.stdout))
             if args.json_out:
                 with open(args.json_out, "w") as f:
                     json.dump(summary, f, indent=2)
         elif args.command == "report":
-            from .report import format_summary, summarize
+            from .reports.summary import format_summary, summarize
 
             summary = summarize(args.ledger)
             print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
             if args.html:
-                from .report_html import write_html_report
+                from .reports.html import write_html_report
 
                 page = write_html_report(args.ledger, args.html, png_dir=args.png_dir)
                 print(f"HTML report: {page}", file=sys.stderr)
@@ -60,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "rules":
             from milliwatt.rules import check
 
-            errors = check(args.paths) if args.paths else check()
+            from .config import load_settings
+
+            paths = args.paths or load_settings(args.config).rules.packs
+            if not paths:
+                print("milliwatt: error: no rule packs to check: name files or folders, or a --config with rules.packs", file=sys.stderr)
+                return 2
+            errors = check(paths)
             for err in errors:
                 print(err, file=sys.stderr)
             if errors:

@@ -1,8 +1,10 @@
 """``Milliwatt``: the one object agent code holds. One async call per agent step.
 
-    async with Milliwatt.from_config("milliwatt.yaml") as mw:
+    async with await Milliwatt.open("milliwatt.yaml") as mw:
         result = await mw.step(messages, tools=tools, session_id="s1", agent="support")
         messages.append(result.message)   # an OpenAI assistant message
+
+(``Milliwatt.from_config`` builds the same client for code without an event loop.)
 
 One instance serves many concurrent agents: the cascade keeps no per-step state, and each
 tier serialises only what must be (a llama.cpp context, the ledger's writer thread).
@@ -10,11 +12,12 @@ tier serialises only what must be (a llama.cpp context, the ledger's writer thre
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .cascade import Cascade, RecordSink
+from .cascade import Cascade, RecordSink, snapshot
 from .energy import RemoteEnergyModel
 from .tier import Tier
 from .trimming import Trimmer
@@ -52,13 +55,13 @@ class Milliwatt:
         step's quality before the record is written), keeping the cascade unaware of it.
         """
         from .config import load_settings
-        from .pricing import price
+        from .pricing import require_price
         from .registry import build_tier, check_energy_model
 
         settings = load_settings(config)
         # Every step's counterfactual needs these: check them now, and load them off the loop.
+        require_price(settings.frontier_model, "frontier_model")
         check_energy_model(settings.frontier_model, "frontier_model")
-        price(settings.frontier_model)
         # Tiers load their models on first use, so a failure here leaves nothing to release.
         tiers = [build_tier(name, settings) for name in settings.tiers]
         ledger: RecordSink | None = None
@@ -74,6 +77,26 @@ class Milliwatt:
             ledger=ledger,
             trimmer=Trimmer(settings.trim.keep_tool_results, settings.trim.encoding),
         )
+
+    @classmethod
+    async def open(
+        cls,
+        config: str | os.PathLike[str] | dict[str, Any] | None = None,
+        *,
+        wrap_ledger: Callable[[RecordSink], RecordSink] | None = None,
+    ) -> Milliwatt:
+        """``from_config`` for async code: the blocking parts (reading the settings, checking
+        the EcoLogits model, loading prices, migrating the ledger, loading a saved cache) run
+        in a worker thread, so the event loop keeps serving while the client opens.
+
+        Await it, then use the client as an async context manager that closes it::
+
+            async with await Milliwatt.open("milliwatt.yaml") as mw:
+                ...
+
+        or ``mw = await Milliwatt.open(cfg)`` and ``await mw.aclose()`` when done.
+        """
+        return await asyncio.to_thread(cls.from_config, config, wrap_ledger=wrap_ledger)
 
     @property
     def tiers(self) -> list[Tier]:
@@ -96,6 +119,7 @@ class Milliwatt:
         run_id: str | None = None,
         tenant: str | None = None,
         agent: str | None = None,
+        user: str | None = None,
         metadata: dict[str, Any] | None = None,
         **options: Any,
     ) -> StepResult:
@@ -104,10 +128,20 @@ class Milliwatt:
         ``messages``, ``tools``, ``tool_choice`` and ``response_format`` are OpenAI chat
         format; ``options`` are sampling options (temperature, max_tokens, seed, ...).
         Raises ``InvalidRequestError`` (a ValueError) naming the bad field.
+
+        The request is copied as the coroutine starts, before its first suspension: once
+        ``await mw.step(...)`` is under way the caller may change its message list or dicts
+        (another agent's turn, a retry loop) without changing what the tiers see or what
+        the ledger records. (A task made with ``asyncio.create_task(mw.step(...))`` starts
+        at the next turn of the loop: do not change the request before yielding to it.)
+        The returned ``message`` is the caller's own copy too.
         """
         if self._closed:
             raise RuntimeError("this Milliwatt instance is closed")
-        meta = StepMeta(session_id, run_id, tenant, agent, dict(metadata or {}))
+        messages, tools, tool_choice, response_format, options, metadata = snapshot(
+            (messages, tools, tool_choice, response_format, options, metadata)
+        )
+        meta = StepMeta(session_id, run_id, tenant, agent, dict(metadata or {}), user)
         step = Step.create(
             messages, tools=tools, tool_choice=tool_choice, response_format=response_format, options=options, meta=meta
         )

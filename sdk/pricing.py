@@ -1,20 +1,24 @@
-"""List prices per token, from the price map litellm ships (read as JSON, offline).
+"""List prices per token, through litellm's public API (``litellm.get_model_info``).
 
-Reading the file directly keeps ``import litellm`` (about 5 s) off the path of every step:
-the counterfactual cost of each step needs the frontier model's price, even when no
-remote call is made.
+Every step's counterfactual cost needs the frontier model's price, even when no remote
+call is made, and ``import litellm`` takes seconds: so prices are looked up once, at
+start (``load``, from a worker thread when an event loop is running), and kept. A step
+then reads the kept price. litellm is imported through ``_offline.import_litellm``, so its
+bundled price map is used (no download) and the environment is left as it was.
+
+The frontier model (the baseline every step is compared with) must have a price:
+``require_price`` refuses one litellm does not price, naming the setting, rather than
+pricing it at zero. A model that answers (a local stand-in, a replay provider) may be
+unpriced: it costs 0.0, as nothing known.
 """
 
 from __future__ import annotations
 
-import functools
-import json
+import threading
 from dataclasses import dataclass
-from pathlib import Path
 
-from ._offline import litellm_package_dir
-
-_PRICE_FILE = "model_prices_and_context_window_backup.json"
+from ._offline import import_litellm
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -27,27 +31,69 @@ class Price:
         return input_tokens * self.input_per_token + output_tokens * self.output_per_token
 
 
-@functools.lru_cache(maxsize=1)
-def _price_map() -> dict[str, dict]:
-    pkg = litellm_package_dir()
-    if pkg is None:
-        return {}
-    path = Path(pkg) / _PRICE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+_lock = threading.Lock()
+_prices: dict[str, Price | None] = {}
 
 
-@functools.lru_cache(maxsize=256)
-def price(model: str) -> Price | None:
-    """The list price of a litellm model id ("openai/gpt-4o" or "gpt-4o"), or None if unknown."""
-    table = _price_map()
+def _lookup(model: str) -> Price | None:
+    litellm = import_litellm()
     candidates = [model]
-    if "/" in model:
+    if "/" in model:  # "milliwatt-replay/gpt-4o": the model behind a provider litellm does not price
         candidates.append(model.split("/", 1)[1])
     for name in candidates:
-        entry = table.get(name)
-        if entry and "input_cost_per_token" in entry:
-            return Price(model, float(entry["input_cost_per_token"]), float(entry.get("output_cost_per_token", 0.0)))
+        try:
+            info = litellm.get_model_info(name)
+        except Exception:  # noqa: BLE001 - litellm raises a plain Exception for an unmapped model
+            info = None
+        if not info:
+            continue
+        inp, out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
+        if inp is None and out is None:
+            continue
+        return Price(model, float(inp or 0.0), float(out or 0.0))
     return None
+
+
+def load(*models: str) -> None:
+    """Look the models' prices up now (imports litellm: seconds, the first time) and keep them.
+
+    Blocking: from async code, ``await asyncio.to_thread(pricing.load, model)``.
+    """
+    for model in models:
+        if model in _prices:
+            continue
+        found = _lookup(model)
+        with _lock:
+            _prices.setdefault(model, found)
+
+
+def price(model: str) -> Price | None:
+    """The list price of a litellm model id ("openai/gpt-4o" or "gpt-4o"), or None if unpriced.
+
+    Kept after the first look-up; a model not loaded yet is looked up now (blocking).
+    """
+    try:
+        return _prices[model]
+    except KeyError:
+        load(model)
+        return _prices[model]
+
+
+def require_price(model: str, where: str = "frontier_model") -> Price:
+    """The price of ``model``, or a ``ConfigError`` naming the setting ``where`` if litellm has none."""
+    p = price(model)
+    if p is None:
+        raise ConfigError(
+            where,
+            f"litellm has no price for {model!r}; set {where} to a priced model "
+            f"(a litellm model id such as 'openai/gpt-4o'): the baseline of every step is priced with it",
+        )
+    if p.input_per_token <= 0 and p.output_per_token <= 0:
+        raise ConfigError(
+            where,
+            f"litellm prices {model!r} at zero; set {where} to a priced frontier model such as 'openai/gpt-4o'",
+        )
+    return p
 
 
 def cost_usd(model: str, input_tokens: int, output_tokens: int) -> float:

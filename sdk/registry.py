@@ -12,12 +12,14 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-from .config import Settings
+from .config import CacheSettings, LocalSettings, RemoteSettings, RulesSettings, Settings
 from .energy import CpuCoefficients
 from .errors import ConfigError
 from .tier import Tier
 
-TierFactory = Callable[[dict[str, Any], Settings], Tier]
+# A factory takes its section (a typed ``TierSettings`` for the built-in tiers, a dict for a
+# plugin, which validates its own) and the whole settings.
+TierFactory = Callable[[Any, Settings], Tier]
 
 _FACTORIES: dict[str, TierFactory] = {}
 
@@ -46,64 +48,56 @@ def cpu_coefficients(settings: Settings) -> CpuCoefficients:
 
 
 # --------------------------------------------------------------------------- built-ins
+# Each factory gets its tier's typed section (config.py has validated every key and value),
+# so the tiers' constructors take plain arguments and validate nothing twice.
 
 
-def _rules(section: dict[str, Any], settings: Settings) -> Tier:
+def _rules(section: RulesSettings, settings: Settings) -> Tier:
     from milliwatt.rules import RulesTier
 
-    return RulesTier.from_settings({"cpu": cpu_coefficients(settings), **section})
+    return RulesTier(section.packs, cpu=cpu_coefficients(settings))
 
 
-def _cache(section: dict[str, Any], settings: Settings) -> Tier:
+def _cache(section: CacheSettings, settings: Settings) -> Tier:
     from milliwatt.cache import CacheTier
 
-    return CacheTier.from_settings({"cpu": cpu_coefficients(settings), **section})
+    return CacheTier(
+        **section.model_dump(exclude={"tier"}),
+        tool_policy=settings.tool_cache_policy(),
+        coefficients=cpu_coefficients(settings),
+    )
 
 
-def _local(section: dict[str, Any], settings: Settings) -> Tier:
+def _local(section: LocalSettings, settings: Settings) -> Tier:
     from milliwatt.adapters.llama_cpp import LlamaCppBackend
 
     from .futility import FutilityGuard
     from .gates import ConfidenceGate
     from .model_tier import ModelTier
 
-    section = dict(section)
-    # Keys of the tier, its gate and its guard; the rest configure the backend, which
-    # rejects unknown ones. ``futility: false`` turns the guard off.
-    budget = section.pop("token_budget", 2048)
-    gate_keys = {k: section.pop(k) for k in ("quantile", "threshold") if k in section}
-    futility = section.pop("futility", {})
-    try:
-        gate = ConfidenceGate(**gate_keys)
-    except (TypeError, ValueError) as e:
-        raise ConfigError("local.quantile/threshold", str(e)) from None
     tier: Tier = ModelTier(
         "local",
-        LlamaCppBackend.from_settings(section),
-        gate=gate,
-        token_budget=budget,
+        LlamaCppBackend(**section.backend_settings()),
+        gate=ConfidenceGate(section.quantile, section.threshold),
+        token_budget=section.token_budget,
         cpu=cpu_coefficients(settings),
+        write_back=section.write_back,
     )
-    if futility is False:
+    if section.futility is False:
         return tier
-    if not isinstance(futility, dict):
-        raise ConfigError("local.futility", "must be false or a mapping of window, min_answer_rate, probe_every")
-    try:
-        return FutilityGuard(tier, **futility)
-    except (TypeError, ValueError) as e:
-        raise ConfigError("local.futility", str(e)) from None
+    return FutilityGuard(tier, **section.futility.model_dump())
 
 
-def _remote(section: dict[str, Any], settings: Settings) -> Tier:
+def _remote(section: RemoteSettings, settings: Settings) -> Tier:
     from milliwatt.adapters.litellm_backend import LiteLLMBackend
 
     from .model_tier import ModelTier
 
-    section = {"model": settings.frontier_model, **section}
-    budget = section.pop("token_budget", None)
-    backend = LiteLLMBackend.from_settings(section)
+    backend = LiteLLMBackend(**section.backend_settings(settings.frontier_model))
+    # Missing credentials are named now (which variable to set), not retried at the first step.
+    backend.check()
     check_energy_model(backend.energy_model or backend.model, "remote.energy_model")
-    return ModelTier("remote", backend, token_budget=budget)
+    return ModelTier("remote", backend, token_budget=section.token_budget)
 
 
 def check_energy_model(model: str, where: str) -> None:

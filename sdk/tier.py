@@ -9,10 +9,12 @@ registered in ``milliwatt.registry``; the cascade itself never changes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from .types import Message, Step, TierResult
+from .types import Energy, Message, Step, TierResult
 
 
 class Tier(ABC):
@@ -42,6 +44,44 @@ class Tier(ABC):
 
 
 AbortCheck = Callable[[Sequence[float], int], bool]
+
+
+@dataclass
+class Spend:
+    """What the attempt in progress has spent so far, as far as its tier can tell.
+
+    The cascade opens one per attempt (``spending``). It is read only when the caller cancels
+    the step mid-attempt: the cancelled attempt is then charged ``energy`` if the tier set it,
+    else ``cpu_seconds`` at the default CPU coefficients, else nothing (a remote request cut
+    off mid-flight: what the provider spent cannot be known).
+    """
+
+    cpu_seconds: float = 0.0
+    energy: Energy | None = None
+
+
+_SPEND: ContextVar[Spend | None] = ContextVar("milliwatt_attempt_spend", default=None)
+
+
+def current_spend() -> Spend | None:
+    """The ``Spend`` of the attempt this code runs in (None outside a cascade attempt).
+
+    A backend interrupted by a cancellation adds the CPU seconds it has used to it; a tier
+    that knows its own coefficients sets ``energy``. Worker threads started with
+    ``asyncio.to_thread`` see the same object (the context is copied into them).
+    """
+    return _SPEND.get()
+
+
+@contextmanager
+def spending() -> Iterator[Spend]:
+    """Open the ``Spend`` of one attempt for the code awaited inside the block."""
+    spend = Spend()
+    token = _SPEND.set(spend)
+    try:
+        yield spend
+    finally:
+        _SPEND.reset(token)
 
 
 @dataclass(frozen=True)

@@ -1,32 +1,105 @@
-"""Token counts with tiktoken, offline (encodings from litellm's bundled files).
+"""Token counts with tiktoken, offline: the encodings are built from litellm's bundled files.
 
 Counts follow OpenAI's chat accounting (a few tokens of framing per message), so the
 figure for "input tokens" is comparable with what a provider would bill.
+
+tiktoken finds an encoding's BPE file through ``TIKTOKEN_CACHE_DIR`` or downloads it (and
+copies it into a cache folder). milliwatt changes no environment variable and writes no
+file: it reads the file litellm ships (found without importing litellm), checks it against
+the SHA-256 tiktoken expects, and builds the ``tiktoken.Encoding`` from it with the public
+constructor and the parameters of ``tiktoken_ext.openai_public``. An encoding litellm does
+not ship falls back to ``tiktoken.get_encoding`` (which may download).
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+from ._offline import litellm_tokenizers_dir
 from .types import Message, content_text
 
 _PER_MESSAGE = 3  # <|start|>role ... <|end|> framing, as in OpenAI's cookbook
 _PER_REPLY = 3
+
+_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+_ENDOFTEXT = "<|endoftext|>"
+_ENDOFPROMPT = "<|endofprompt|>"
+# The constructor parameters of tiktoken_ext.openai_public, and the SHA-256 it expects of each file.
+_BUNDLED: dict[str, dict[str, Any]] = {
+    "o200k_base": {
+        "sha256": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+        "pat_str": "|".join(  # noqa: FLY002 - as tiktoken_ext.openai_public writes it
+            [
+                r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+                r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+                r"""\p{N}{1,3}""",
+                r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+                r"""\s*[\r\n]+""",
+                r"""\s+(?!\S)""",
+                r"""\s+""",
+            ]
+        ),
+        "special_tokens": {_ENDOFTEXT: 199999, _ENDOFPROMPT: 200018},
+    },
+    "cl100k_base": {
+        "sha256": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+        "pat_str": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+        "special_tokens": {
+            _ENDOFTEXT: 100257,
+            "<|fim_prefix|>": 100258,
+            "<|fim_middle|>": 100259,
+            "<|fim_suffix|>": 100260,
+            _ENDOFPROMPT: 100276,
+        },
+    },
+}
+
+
+def bundled_bpe_file(name: str) -> Path | None:
+    """litellm's copy of an encoding's BPE file (named as tiktoken's cache names it), if shipped."""
+    folder = litellm_tokenizers_dir()
+    if folder is None or name not in _BUNDLED:
+        return None
+    path = Path(folder) / hashlib.sha1(_URL.format(name).encode()).hexdigest()
+    return path if path.is_file() else None
+
+
+def _mergeable_ranks(data: bytes) -> dict[bytes, int]:
+    """The ``.tiktoken`` format, as ``tiktoken.load.load_tiktoken_bpe`` reads it: "base64-token rank" lines."""
+    ranks: dict[bytes, int] = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
 
 
 @functools.lru_cache(maxsize=4)
 def encoding(name: str = "o200k_base"):  # noqa: ANN201 - tiktoken.Encoding
     import tiktoken
 
+    path = bundled_bpe_file(name)
+    if path is not None:
+        spec = _BUNDLED[name]
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != spec["sha256"]:
+            raise RuntimeError(f"{path}: not the {name} file tiktoken expects (SHA-256 mismatch)")
+        return tiktoken.Encoding(
+            name, pat_str=spec["pat_str"], mergeable_ranks=_mergeable_ranks(data), special_tokens=spec["special_tokens"]
+        )
     try:
         return tiktoken.get_encoding(name)
-    except Exception as e:  # pragma: no cover - only without litellm's files
+    except Exception as e:
         raise RuntimeError(
-            f"tiktoken encoding {name!r} is not available offline; set TIKTOKEN_CACHE_DIR to a folder "
-            f"holding it (litellm ships one in litellm/litellm_core_utils/tokenizers)"
+            f"tiktoken encoding {name!r} is not available offline: litellm ships only "
+            f"{' and '.join(_BUNDLED)} (litellm/litellm_core_utils/tokenizers); for another, set "
+            f"TIKTOKEN_CACHE_DIR to a folder holding it"
         ) from e
 
 

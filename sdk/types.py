@@ -84,14 +84,18 @@ _OPTION_KEYS = {"temperature", "top_p", "max_tokens", "seed", "stop", "presence_
 
 @dataclass(frozen=True)
 class StepMeta:
-    """Who is asking: used by rules (match on agent or tenant), the cache (tenant is part
-    of the scope, so no hit ever crosses tenants) and the ledger."""
+    """Who is asking: used by rules (match on agent or tenant), the cache (tenant and user
+    are part of the scope, so no hit ever crosses tenants or end users) and the ledger.
+
+    ``user`` is the end user the agent acts for, as OpenAI's ``user`` parameter: an opaque
+    id the caller chooses (a hash of an account id, not an email)."""
 
     session_id: str | None = None
     run_id: str | None = None
     tenant: str | None = None
     agent: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -298,7 +302,7 @@ def _validate_tool_choice(choice: Any, names: set[str]) -> None:
 
 # --------------------------------------------------------------------------- tier results
 
-Outcome = Literal["answered", "passed", "skipped", "error"]
+Outcome = Literal["answered", "passed", "skipped", "error", "cancelled"]
 
 
 @dataclass(frozen=True)

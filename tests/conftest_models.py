@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 
 import pytest_asyncio
 
-from milliwatt.adapters import LlamaCppBackend, LoopbackServer
+from milliwatt.adapters import LlamaCppBackend
+from milliwatt.evaluation.loopback import LoopbackServer
 
 THREADS = max(1, min(os.cpu_count() or 1, 4))
 

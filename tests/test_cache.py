@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from milliwatt.errors import ConfigError
+from milliwatt.errors import ConfigError, InvalidRequestError
 from milliwatt.types import Step, StepMeta
 
 from milliwatt.cache import CacheFileError, CacheTier, Embedder, literal_tokens, scope_key
@@ -157,6 +157,7 @@ async def test_tool_output_since_the_last_user_message_must_match_exactly(tier: 
 
 @pytest.mark.asyncio
 async def test_a_confirmation_only_hits_a_conversation_that_got_as_far(tier: CacheTier) -> None:
+    # Now covered by the exact history (every turn before the last user message).
     def confirm(tools_called: list[str]) -> Step:
         msgs: list[dict] = [SYSTEM, {"role": "user", "content": "I want to change my booking ZFA04Y."}]
         for i, name in enumerate(tools_called):
@@ -169,11 +170,14 @@ async def test_a_confirmation_only_hits_a_conversation_that_got_as_far(tier: Cac
 
     await tier.remember(confirm(["get_reservation"]), {"role": "assistant", "content": "Done."}, "remote")
     assert (await tier.attempt(confirm(["get_reservation"]))).answered
-    assert not (await tier.attempt(confirm([]))).answered
+    r = await tier.attempt(confirm([]))
+    assert not r.answered and r.reason.startswith("no entry with these earlier turns in scope")
 
 
 @pytest.mark.asyncio
 async def test_short_reply_is_keyed_with_the_question_before_it(tier: CacheTier) -> None:
+    # The question before "yes" is part of the exact history now (it used to be prepended to
+    # the embedded text, where "Add insurance? yes" and "Add insurance? no" are close).
     def reply(question: str) -> Step:
         return Step.create(
             [SYSTEM, {"role": "user", "content": "hello"}, {"role": "assistant", "content": question}, {"role": "user", "content": "yes"}],
@@ -182,11 +186,16 @@ async def test_short_reply_is_keyed_with_the_question_before_it(tier: CacheTier)
 
     await tier.remember(reply("Would you like me to add travel insurance to your booking?"), {"role": "assistant", "content": "Insurance added."}, "remote")
     r = await tier.attempt(reply("Should I cancel your whole trip now?"))
-    assert not r.answered
+    assert not r.answered and r.reason.startswith("no entry with these earlier turns in scope")
 
 
 @pytest.mark.asyncio
-async def test_answer_using_an_earlier_identifier_needs_it_in_the_new_step(tier: CacheTier) -> None:
+async def test_an_identifier_from_an_earlier_turn_must_match_exactly(embedder: Embedder, clock: Clock) -> None:
+    # This used to be the "grounding" guard (an answer literal taken from the context must be
+    # in the new step). The exact history now compares every earlier turn, which covers it:
+    # the miss is decided before anything is embedded.
+    tier = CacheTier(embedder=embedder, clock=clock, tool_policy={"get_reservation": "read_only"})
+
     def step(user_id: str) -> Step:
         return Step.create(
             [
@@ -204,7 +213,7 @@ async def test_answer_using_an_earlier_identifier_needs_it_in_the_new_step(tier:
     ]}
     await tier.remember(step("mia_li_3668"), call, "remote")
     miss = await tier.attempt(step("noah_kim_1024"))
-    assert not miss.answered and "answer uses mia_li_3668, absent from this step" in miss.reason
+    assert not miss.answered and miss.reason.startswith("no entry with these earlier turns in scope")
     hit = await tier.attempt(step("mia_li_3668"))
     assert hit.answered
     assert hit.message["tool_calls"][0]["function"] == call["tool_calls"][0]["function"]
@@ -329,12 +338,233 @@ async def test_max_entries_evicts_the_least_hit(embedder: Embedder, clock: Clock
     assert (await tier.attempt(ask(keep))).answered
 
 
-def test_from_settings_validates(embedder: Embedder) -> None:
-    tier = CacheTier.from_settings({"threshold": 0.95, "ttl_s": None, "max_entries": 10})
+def test_the_configured_cache_section_and_tool_policy_reach_the_tier() -> None:
+    # Key and value errors of the section are config.py's (tests/test_config.py); this checks
+    # that what was validated is what the tier runs with.
+    from milliwatt.config import load_settings
+    from milliwatt.registry import build_tier
+
+    settings = load_settings({
+        "cache": {"path": None, "threshold": 0.95, "ttl_s": None, "max_entries": 10},
+        "tools": {"get_reservation": {"cache": "read_only"}},
+    })  # fmt: skip
+    tier = build_tier("cache", settings)
     assert (tier.threshold, tier.ttl_s, tier.max_entries, tier.token_budget) == (0.95, None, 10, None)
-    with pytest.raises(ConfigError, match=r"cache\.treshold: unknown setting"):
-        CacheTier.from_settings({"treshold": 0.9})
-    with pytest.raises(ConfigError, match=r"cache\.threshold: must be in \(0, 1\]"):
-        CacheTier.from_settings({"threshold": 92})
-    with pytest.raises(ConfigError, match=r"cache\.max_entries: must be a whole number"):
-        CacheTier.from_settings({"max_entries": "many"})
+    assert tier.tool_policy == {"get_reservation": "read_only"}
+    with pytest.raises(ConfigError, match=r"cache\.tool_policy: cancel_reservation: must be 'read_only' or 'never'"):
+        CacheTier(tool_policy={"cancel_reservation": "sometimes"})
+
+
+# ---------------------------------------------------------------------------- tool calls with side effects
+
+CANCEL = {
+    "type": "function",
+    "function": {"name": "cancel_reservation", "parameters": {"type": "object", "properties": {"reservation_id": {"type": "string"}}}},
+}
+
+
+def calling(name: str, args: str = '{"reservation_id": "ZFA04Y"}') -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": name, "arguments": args}}]}
+
+
+def with_annotation(tool: dict, where: str) -> dict:
+    tool = json.loads(json.dumps(tool))
+    (tool["function"] if where == "function" else tool)["annotations"] = {"readOnlyHint": True}
+    return tool
+
+
+def act(text: str, tools: list) -> Step:
+    return Step.create([SYSTEM, {"role": "user", "content": text}], tools=tools, meta=StepMeta(tenant="acme"))
+
+
+@pytest.mark.parametrize(
+    ("policy", "tools", "stored"),
+    [
+        (None, [LOOKUP, CANCEL], False),  # the default: a tool not declared read-only is never replayed
+        ({"get_reservation": "read_only"}, [LOOKUP, CANCEL], True),
+        ({"get_reservation": "never"}, [LOOKUP, CANCEL], False),
+        (None, [with_annotation(LOOKUP, "function"), CANCEL], True),  # MCP readOnlyHint, under "function"
+        (None, [with_annotation(LOOKUP, "top"), CANCEL], True),  # ... or on the tool object
+        ({"get_reservation": "never"}, [with_annotation(LOOKUP, "function"), CANCEL], False),  # the policy wins
+    ],
+    ids=["default-never", "read_only", "never", "annotation-function", "annotation-top", "never-beats-annotation"],
+)
+@pytest.mark.asyncio
+async def test_a_tool_call_is_stored_and_served_only_for_read_only_tools(
+    embedder: Embedder, clock: Clock, policy: dict | None, tools: list, stored: bool
+) -> None:
+    tier = CacheTier(embedder=embedder, clock=clock, tool_policy=policy)
+    question = "Please look up my reservation ZFA04Y for me."
+    await tier.remember(act(question, tools), calling("get_reservation"), "remote")
+    assert len(tier.store) == int(stored)
+    r = await tier.attempt(act(question, tools))
+    assert r.answered is stored
+    if stored:
+        assert r.message["tool_calls"][0]["function"]["name"] == "get_reservation"
+
+
+@pytest.mark.asyncio
+async def test_a_side_effect_is_never_stored_even_when_other_tools_are_read_only(embedder: Embedder, clock: Clock) -> None:
+    tier = CacheTier(embedder=embedder, clock=clock, tool_policy={"get_reservation": "read_only", "cancel_reservation": "never"})
+    both = calling("get_reservation")
+    both["tool_calls"].append({"id": "call_2", "type": "function", "function": {"name": "cancel_reservation", "arguments": '{"reservation_id": "ZFA04Y"}'}})
+    await tier.remember(act("Cancel my reservation ZFA04Y, please.", [LOOKUP, CANCEL]), both, "remote")
+    await tier.remember(act("Cancel reservation ZFA04Y now.", [LOOKUP, CANCEL]), calling("cancel_reservation"), "remote")
+    assert len(tier.store) == 0
+    # Text answers are not affected by the policy.
+    await tier.remember(act("Can I cancel a basic economy ticket?", [LOOKUP, CANCEL]), ANSWER, "remote")
+    assert len(tier.store) == 1
+
+
+@pytest.mark.asyncio
+async def test_the_policy_is_checked_again_at_lookup(embedder: Embedder, clock: Clock, tmp_path: Path) -> None:
+    # A persisted cache outlives its policy: an entry stored while a tool was read-only must
+    # not be served once the tool is not (declared never, or no longer declared at all).
+    question = "Please look up my reservation ZFA04Y for me."
+    first = CacheTier(path=str(tmp_path / "c"), embedder=embedder, clock=clock, tool_policy={"get_reservation": "read_only"})
+    await first.remember(act(question, [LOOKUP]), calling("get_reservation"), "remote")
+    await first.aclose()
+    for policy in ({"get_reservation": "never"}, None):
+        later = CacheTier(path=str(tmp_path / "c"), embedder=embedder, clock=clock, tool_policy=policy)
+        assert len(later.store) == 1
+        r = await later.attempt(act(question, [LOOKUP]))
+        assert not r.answered and r.reason.startswith("tool get_reservation is not declared read-only (similarity 1.000)")
+
+
+@pytest.mark.parametrize("policy", [{"get_reservation": "sometimes"}, {"get_reservation": None}, ["get_reservation"]])
+def test_a_bad_tool_policy_is_a_config_error(embedder: Embedder, policy: object) -> None:
+    with pytest.raises(ConfigError, match=r"cache\.tool_policy: ") as err:
+        CacheTier(embedder=embedder, tool_policy=policy)  # type: ignore[arg-type]
+    assert err.value.where == "cache.tool_policy"
+
+
+# ---------------------------------------------------------------------------- per-step TTL
+
+@pytest.mark.asyncio
+async def test_cache_ttl_0_is_neither_stored_nor_served(embedder: Embedder, tier: CacheTier) -> None:
+    question = "How many bags can I check on an economy ticket?"
+    await tier.remember(ask(question), ANSWER, "remote")
+    no_cache = Step.create(ask(question).messages, meta=StepMeta(tenant="acme", extra={"cache_ttl_s": 0}))
+    before = embedder.batches
+    r = await tier.attempt(no_cache)
+    assert not r.answered and r.reason == "cache_ttl_s is 0 for this step"
+    assert embedder.batches == before  # nothing embedded
+    await tier.remember(no_cache, {"role": "assistant", "content": "Other."}, "remote")
+    assert len(tier.store) == 1
+
+
+@pytest.mark.parametrize("ttl", ["60", True, -1, float("nan")])
+@pytest.mark.asyncio
+async def test_a_bad_cache_ttl_is_named(tier: CacheTier, ttl: object) -> None:
+    step = Step.create(ask("How many bags can I check?").messages, meta=StepMeta(tenant="acme", extra={"cache_ttl_s": ttl}))
+    for call in (tier.attempt(step), tier.remember(step, ANSWER, "remote")):
+        with pytest.raises(InvalidRequestError, match=r"meta\.extra\.cache_ttl_s: must be a number of seconds >= 0") as err:
+            await call
+        assert err.value.field == "meta.extra.cache_ttl_s"
+    assert len(tier.store) == 0
+
+
+@pytest.mark.asyncio
+async def test_cache_ttl_null_means_no_expiry(tier: CacheTier, clock: Clock) -> None:
+    step = Step.create(ask("How many bags can I check?").messages, meta=StepMeta(tenant="acme", extra={"cache_ttl_s": None}))
+    await tier.remember(step, ANSWER, "remote")
+    clock.now += 10 * 365 * 86400
+    assert (await tier.attempt(ask("How many bags can I check?"))).answered
+
+
+# ---------------------------------------------------------------------------- store integrity
+
+def _consistent(store) -> bool:  # noqa: ANN001
+    """Entries, partitions and the ids inside the FAISS indexes all agree."""
+    import faiss
+
+    in_parts = set().union(*(p.ids for p in store._parts.values())) if store._parts else set()
+    in_faiss: set[int] = set()
+    for p in store._parts.values():
+        in_faiss |= set(faiss.vector_to_array(p.index.id_map).tolist())
+    return set(store.entries) == in_parts == in_faiss and all(p.ids for p in store._parts.values())
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.asyncio
+async def test_a_failed_add_leaves_the_store_unchanged(tier: CacheTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    class BadIndex:
+        ntotal = 0
+
+        def add_with_ids(self, *a: object) -> None:
+            raise _Boom("faiss refused the vector")
+
+    monkeypatch.setattr(tier.store, "_new_index", lambda dim: BadIndex())
+    step = ask("How many bags can I check on an economy ticket?")
+    with pytest.raises(_Boom):
+        await tier.remember(step, ANSWER, "remote")
+    assert len(tier.store) == 0 and _consistent(tier.store)
+    r = await tier.attempt(step)  # no empty partition left behind
+    assert not r.answered and r.reason.startswith("no entry in scope")
+    monkeypatch.undo()
+    await tier.remember(step, ANSWER, "remote")
+    assert (await tier.attempt(step)).answered
+
+
+@pytest.mark.asyncio
+async def test_a_failed_eviction_leaves_entries_and_vectors_in_step(embedder: Embedder, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = CacheTier(embedder=embedder, clock=clock, max_entries=3)
+    questions = ["How many bags can I check on an economy ticket?", "Can I bring my dog on board?", "Is there wifi on the plane?"]
+    for q in questions:
+        clock.now += 1
+        await tier.remember(ask(q), {"role": "assistant", "content": q.upper()}, "remote")
+
+    def fail(dim: int) -> object:
+        raise _Boom("rebuild failed")
+
+    monkeypatch.setattr(tier.store, "_new_index", fail)  # the index rebuild of the eviction fails
+    clock.now += 1
+    with pytest.raises(_Boom):
+        await tier.remember(ask("Where is my refund?"), {"role": "assistant", "content": "On its way."}, "remote")
+    assert _consistent(tier.store) and len(tier.store) == 4  # the add happened; the eviction did not, at all
+    for q in questions:  # every entry still answers with its own answer (no id without its entry)
+        r = await tier.attempt(ask(q))
+        assert r.answered and r.message["content"] == q.upper()
+
+
+def test_partition_checks_do_not_wait_for_the_store_lock(tier: CacheTier) -> None:
+    import threading
+
+    # A rebuild holds the lock in a worker thread; the checks made on the event loop must not wait.
+    held, release = threading.Event(), threading.Event()
+
+    def rebuild() -> None:
+        with tier.store._lock:
+            held.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=rebuild)
+    worker.start()
+    held.wait(5)
+    done: list[bool] = []
+    probe = threading.Thread(target=lambda: done.append(not tier.store.has_partition("p") and not tier.store.has_scope("s") and not tier.store.has_history("h")))
+    probe.start()
+    probe.join(1.0)
+    release.set()
+    worker.join()
+    probe.join()
+    assert done == [True]
+    assert probe.is_alive() is False
+
+
+@pytest.mark.parametrize("stale", [{"version": 1}, {"key": "mw-cache-scope/1"}], ids=["format-1", "key-1"])
+@pytest.mark.asyncio
+async def test_entries_keyed_under_an_older_key_are_dropped_at_load(
+    embedder: Embedder, clock: Clock, tmp_path: Path, stale: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = CacheTier(path=str(tmp_path / "c"), embedder=embedder, clock=clock)
+    await first.remember(ask("How many bags can I check on an economy ticket?"), ANSWER, "remote")
+    first.save()
+    doc = json.loads((tmp_path / "c" / "entries.json").read_text())
+    (tmp_path / "c" / "entries.json").write_text(json.dumps({**doc, **stale}))
+    second = CacheTier(path=str(tmp_path / "c"), embedder=embedder, clock=clock)
+    assert len(second.store) == 0  # they could never match: a new cache, not a start-up failure
+    assert "can never match and are dropped" in caplog.text

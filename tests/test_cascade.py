@@ -2,8 +2,18 @@
 
 import pytest
 
-from milliwatt import Milliwatt, NoTierAnswered, RemoteUnavailable, TierResult
+from milliwatt import (
+    Completion,
+    Milliwatt,
+    ModelBackend,
+    NoTierAnswered,
+    RemoteUnavailable,
+    TierResult,
+)
 from milliwatt.energy import CpuTimer, cpu_energy
+from milliwatt.gates import GateDecision
+from milliwatt.model_tier import ModelTier
+from milliwatt.testing import RecordingSink as Sink
 from milliwatt.testing import ScriptedTier
 from milliwatt.tier import Tier
 
@@ -119,12 +129,6 @@ class Down(Tier):
         raise RemoteUnavailable("connection refused", backend="litellm", model="openai/gpt-4o")
 
 
-class Sink:
-    def __init__(self):
-        self.records = []
-
-    async def write(self, record):
-        self.records.append(record)
 
 
 @pytest.mark.asyncio
@@ -137,3 +141,33 @@ async def test_a_failing_last_resort_is_logged_then_raised():
     assert rec.tier == "error"
     assert [(a.tier, a.outcome) for a in rec.attempts] == [("local", "passed"), ("remote", "error")]
     assert "RemoteUnavailable: connection refused" in rec.attempts[1].reason
+
+
+# ------------------------------------------------------------------ write-back of model answers
+
+
+class FixedBackend(ModelBackend):
+    model = "m"
+
+    async def complete(self, step, *, abort=None) -> Completion:
+        return Completion({"role": "assistant", "content": "model says"}, "m", 10, 3, token_logprobs=(-0.01,) * 3, cpu_seconds=0.01)
+
+
+class AcceptAll:
+    def check(self, step, completion):
+        return GateDecision(True, 0.99, "confident")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "gate, write_back, stored",
+    [(AcceptAll(), None, False), (AcceptAll(), True, True), (None, None, True), (None, False, False)],
+    ids=["local-default", "local-opt-in", "remote-default", "remote-opt-out"],
+)
+async def test_local_answers_are_not_written_back_unless_configured(gate, write_back, stored):
+    cache = ScriptedTier("cache", never)
+    tier = ModelTier("model", FixedBackend(), gate=gate, write_back=write_back)
+    async with Milliwatt([cache, tier]) as mw:
+        result = await mw.step(USER)
+    assert result.tier == "model" and result.content == "model says"
+    assert bool(cache.remembered) is stored

@@ -39,7 +39,7 @@ def test_environment_configures_the_remote_provider(monkeypatch):
     monkeypatch.setenv("MILLIWATT_REMOTE_MODEL", "anthropic/claude-3-5-sonnet-20241022")
     monkeypatch.setenv("MILLIWATT_LEDGER", "sqlite:///x.db")
     s = load_settings({"remote": {"timeout_s": 5}})
-    assert s.remote == {"timeout_s": 5, "model": "anthropic/claude-3-5-sonnet-20241022"}
+    assert (s.remote.timeout_s, s.remote.model) == (5, "anthropic/claude-3-5-sonnet-20241022")
     assert s.ledger == "sqlite:///x.db"
 
 
@@ -47,7 +47,7 @@ def test_rule_packs_are_relative_to_the_config_file(tmp_path):
     (tmp_path / "packs").mkdir()
     cfg = tmp_path / "mw.yaml"
     cfg.write_text("rules:\n  packs: [packs]\n")
-    assert load_settings(cfg).rules["packs"] == [str(tmp_path / "packs")]
+    assert load_settings(cfg).rules.packs == [str(tmp_path / "packs")]
 
 
 def test_rules_check_cli_reports_file_and_line(tmp_path, capsys):
@@ -56,12 +56,19 @@ def test_rules_check_cli_reports_file_and_line(tmp_path, capsys):
     assert main(["rules", "check", str(bad)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}:4" in err
-    assert main(["rules", "check"]) == 0
+    # With nothing named and no packs configured, there is nothing to check: said, not passed.
+    assert main(["rules", "check"]) == 2
+    good = tmp_path / "good.yaml"
+    good.write_text("pack: t\nrules:\n  - id: a\n    when: {keywords: {any: [ping]}}\n    reply: pong\n")
+    cfg = tmp_path / "mw.yaml"
+    cfg.write_text("rules:\n  packs: good.yaml\n")
+    assert main(["rules", "check", "--config", str(cfg)]) == 0
 
 
 def test_a_cache_section_keeps_persistence_unless_it_says_otherwise():
-    assert load_settings({"cache": {"threshold": 0.95}}).cache == {"path": ".milliwatt/cache", "threshold": 0.95}
-    assert load_settings({"cache": {"path": None}}).cache["path"] is None
+    cache = load_settings({"cache": {"threshold": 0.95}}).cache
+    assert (cache.path, cache.threshold) == (".milliwatt/cache", 0.95)
+    assert load_settings({"cache": {"path": None}}).cache.path is None
 
 
 def test_cpu_watts_must_be_ordered():
@@ -72,9 +79,39 @@ def test_cpu_watts_must_be_ordered():
 def test_a_single_rule_pack_path_is_relative_to_the_config_file(tmp_path):
     cfg = tmp_path / "mw.yaml"
     cfg.write_text("rules:\n  packs: my.yaml\n")
-    assert load_settings(cfg).rules["packs"] == [str(tmp_path / "my.yaml")]
+    assert load_settings(cfg).rules.packs == [str(tmp_path / "my.yaml")]
 
 
 def test_a_frontier_model_ecologits_does_not_know_is_refused_at_start():
     with pytest.raises(ConfigError, match="frontier_model"):
         Milliwatt.from_config({"frontier_model": "ollama/llama3", "tiers": ["rules"], "ledger": None})
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"cache": {"threshold": 92}}, "cache.threshold"),
+        ({"cache": {"max_entries": "many"}}, "cache.max_entries"),
+        ({"cache": {"treshold": 0.9}}, "cache.treshold"),
+        ({"local": {"quantile": 2}}, "local.quantile"),
+        ({"local": {"futility": {"window": 0}}}, "local.futility"),
+        ({"remote": {"max_retries": -1}}, "remote.max_retries"),
+        ({"remote": {"tier": "cache"}}, "remote.tier"),
+        ({"tools": {"cancel_reservation": {"cache": "sometimes"}}}, "tools.cancel_reservation.cache"),
+    ],
+)
+def test_every_tier_setting_is_typed_and_named_on_error(data, key):
+    with pytest.raises(ConfigError) as err:
+        load_settings(data)
+    assert f"settings: {key}" in str(err.value)
+
+
+def test_tool_policy_reaches_the_cache_and_local_answers_are_not_written_back_by_default():
+    from milliwatt.registry import build_tier
+
+    s = load_settings({"tools": {"cancel_reservation": {"cache": "never"}, "get_user_details": {"cache": "read_only"}},
+                       "cache": {"path": None}})
+    assert s.tool_cache_policy() == {"cancel_reservation": "never", "get_user_details": "read_only"}
+    assert build_tier("cache", s).tool_policy == {"cancel_reservation": "never", "get_user_details": "read_only"}
+    assert s.local.write_back is False
+    assert load_settings({"local": {"write_back": True}}).local.write_back is True

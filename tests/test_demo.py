@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from milliwatt.demo import run_demo
+from milliwatt.examples.demo import run_demo
 
 pytestmark = pytest.mark.slow
 

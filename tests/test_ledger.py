@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy.exc import IntegrityError
 from ulid import ULID
 
 from milliwatt.ledger import (
@@ -22,7 +21,7 @@ from milliwatt.ledger import (
     ledger_schema_markdown,
 )
 from milliwatt.ids import new_step_id
-from milliwatt.report import format_summary, main, summarize
+from milliwatt.reports.summary import format_summary, main, summarize
 from milliwatt.types import Attempt, Energy, Quality, StepMeta, StepRecord
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "ledger.md"
@@ -175,7 +174,11 @@ async def test_in_memory_ledger(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_writer_error_surfaces_with_its_cause(tmp_path: Path) -> None:
+async def test_a_record_the_database_refuses_is_spooled_not_raised(tmp_path: Path) -> None:
+    """Was: the writer's failure was raised by the next write/flush/close, and the ledger then
+    refused every write. That cost the caller steps whose tier had already answered (and been
+    paid); now the refused record goes to the spool, is counted, and nothing raises
+    (docs/ledger.md, "Faults"; tests/test_ledger_faults.py has the other faults)."""
     db = tmp_path / "l.db"
     ledger = Ledger(db)
     dup = record()
@@ -185,24 +188,43 @@ async def test_writer_error_surfaces_with_its_cause(tmp_path: Path) -> None:
     good = [record(at=T0 + 1), record(at=T0 + 2)]
     for r in (good[0], dup, good[1]):  # the duplicate id fails inside the writer thread
         await ledger.write(r)
-    with pytest.raises(LedgerError, match=f"failed to store 1 step.*{dup.step_id}") as err:
-        await ledger.flush()
-    assert isinstance(err.value.__cause__, IntegrityError)
-    with pytest.raises(LedgerError):  # sticky: the next write is refused, not lost quietly
-        await ledger.write(record(at=T0 + 3))
-    with pytest.raises(LedgerError):
-        await ledger.aclose()
-    # The good records of the failed batch were stored one by one.
-    assert rows(db, "SELECT count(*) FROM steps") == [(3,)]
+    await ledger.flush()  # no raise
+    await ledger.write(record(at=T0 + 3))  # still accepted
+    await ledger.aclose()  # no raise
+    assert ledger.faults["spooled"] == 1
+    # The good records of the failed batch were stored one by one; the bad one was spooled.
+    assert rows(db, "SELECT count(*) FROM steps") == [(4,)]
+    [line] = (tmp_path / "l.db.spool.jsonl").read_text().splitlines()
+    assert json.loads(line)["step"]["id"] == dup.step_id
+    assert rows(db, "SELECT kind, count, detail FROM ledger_faults") == [
+        ("spooled", 1, "IntegrityError: UNIQUE constraint failed: steps.id"),
+    ]
+    # Reopening imports the spool: its step id is already stored, so nothing is inserted twice.
+    Ledger(db).close()
+    assert not (tmp_path / "l.db.spool.jsonl").exists()
+    assert rows(db, "SELECT count(*) FROM steps") == [(4,)]
 
 
 @pytest.mark.asyncio
-async def test_write_after_close_is_refused(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.db")
+async def test_write_after_close_is_spooled(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Was: refused with LedgerError. A step answered after its ledger closed (a straggler at
+    shutdown) is now kept in the spool, with a warning, and stored by the next open."""
+    db = tmp_path / "l.db"
+    ledger = Ledger(db)
     await ledger.aclose()
     await ledger.aclose()  # idempotent
-    with pytest.raises(LedgerError, match="closed"):
-        await ledger.write(record())
+    late = record()
+    with caplog.at_level("WARNING", logger="milliwatt.ledger"):
+        await ledger.write(late)
+    assert "ledger closed" in caplog.text
+    assert ledger.faults["spooled"] == 1
+    with Ledger(db) as reopened:
+        assert [s["id"] for s in reopened.read_steps()] == [late.step_id]
+        assert reopened.faults["imported"] == 1
+    # The fault of the late write, spooled with it since the database was released, is stored too.
+    assert sorted(rows(db, "SELECT kind, count, detail FROM ledger_faults")) == [
+        ("imported", 1, f"from {db}.spool.jsonl"), ("spooled", 1, "ledger closed"),
+    ]
 
 
 def test_sync_api(tmp_path: Path) -> None:
@@ -298,7 +320,7 @@ def test_summarize_matches_hand_computed_values(run_db: Path) -> None:
     assert s["latency_ms"] == approx({"p50": 20.0, "p95": 3000.0, "mean": 980.25, "max": 3000.0})
     assert s["energy_by_tier"]["local"] == approx({"steps": 1, "low": 0.001, "point": 0.002, "high": 0.003})
     assert s["attempts_by_tier"]["rules"] == approx(
-        {"attempts": 4, "answered": 1, "passed": 3, "skipped": 0, "error": 0, "low": 1e-6, "point": 2e-6, "high": 3e-6}
+        {"attempts": 4, "answered": 1, "passed": 3, "skipped": 0, "error": 0, "cancelled": 0, "low": 1e-6, "point": 2e-6, "high": 3e-6}
     )
     assert s["attempts_by_tier"]["local"]["passed"] == 1
     assert s["attempts_by_tier"]["local"]["point"] == approx(0.022)

@@ -26,7 +26,7 @@ from milliwatt.ledger import (
     make_engine,
     open_existing,
 )
-from milliwatt.report import summarize
+from milliwatt.reports.summary import summarize
 from milliwatt.types import Quality
 
 from test_ledger import T0, record
@@ -106,8 +106,10 @@ def schema_diff(path: Path) -> list:
 
 
 def test_revision_ids_are_the_readable_names() -> None:
-    assert head_revision() == "0002_step_quality"
-    assert sorted(p.stem for p in (MIGRATIONS / "versions").glob("0*.py")) == ["0001_initial", "0002_step_quality"]
+    assert head_revision() == "0003_ledger_faults"
+    assert sorted(p.stem for p in (MIGRATIONS / "versions").glob("0*.py")) == [
+        "0001_initial", "0002_step_quality", "0003_ledger_faults",
+    ]
 
 
 def test_a_new_ledger_is_at_head_and_matches_the_models(tmp_path: Path) -> None:
@@ -257,3 +259,55 @@ async def test_quality_round_trips(tmp_path: Path) -> None:
     ]
     # Plain sqlite3 sees 0/1, so SUM(quality_agrees) counts agreeing steps.
     assert dump(db, "SELECT quality_agrees FROM steps ORDER BY id") == [(0,), (1,), (None,)]
+
+
+@pytest.mark.asyncio
+async def test_0003_adds_ledger_faults_and_user_id_to_a_0002_ledger(tmp_path: Path) -> None:
+    """A ledger left at 0002 by milliwatt before the spool: upgraded on open, rows intact,
+    ``user_id`` null on its old steps, an empty ``ledger_faults``."""
+    db = unversioned_ledger(tmp_path / "l.db")  # with one step
+    engine = make_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = conn
+        command.stamp(config, UNVERSIONED_REVISION)
+        command.upgrade(config, "0002_step_quality")
+    engine.dispose()
+    assert revision(db) == [("0002_step_quality",)]
+
+    async with Ledger(db) as ledger:
+        await ledger.write(record(at=T0 + 60))
+        await ledger.flush()
+        old, _new = ledger.read_steps()
+    assert revision(db) == [(head_revision(),)] and schema_diff(db) == []
+    assert old["id"] == "01KDVA7EC0SD5Q8W3ZJ0R4A7QE" and old["user_id"] is None and len(old["attempts"]) == 2
+    assert dump(db, "SELECT count(*) FROM ledger_faults") == [(0,)]
+
+
+@pytest.mark.asyncio
+async def test_0003_lets_an_old_ledger_store_a_cancelled_step_and_a_downgrade_reads_it_as_error(tmp_path: Path) -> None:
+    from test_ledger import attempt, cpu
+
+    db = unversioned_ledger(tmp_path / "old.db")
+    cancelled = record(at=T0 + 60, tier="cancelled", attempts=(attempt("local", "cancelled", cpu(1e-6, 2e-6, 3e-6)),))
+    async with Ledger(db) as ledger:
+        await ledger.write(cancelled)
+        await ledger.flush()
+        assert ledger.faults == {} or not any(ledger.faults.values())  # stored, not spooled
+    assert dump(db, f"SELECT tier FROM steps WHERE id = '{cancelled.step_id}'") == [("cancelled",)]
+    assert dump(db, f"SELECT outcome FROM attempts WHERE step_id = '{cancelled.step_id}'") == [("cancelled",)]
+    # The old rows went through the table copy that replaces the CHECK unchanged.
+    assert dump(db, "SELECT outcome FROM attempts WHERE step_id = '01KDVA7EC0SD5Q8W3ZJ0R4A7QE' ORDER BY ordinal") == [
+        ("passed",), ("answered",)]
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    engine = make_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0002_step_quality")
+    engine.dispose()
+    assert dump(db, f"SELECT outcome FROM attempts WHERE step_id = '{cancelled.step_id}'") == [("error",)]
+    with pytest.raises(sqlite3.IntegrityError):
+        dump(db, f"UPDATE attempts SET outcome = 'cancelled' WHERE step_id = '{cancelled.step_id}'")

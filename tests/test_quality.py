@@ -5,14 +5,15 @@ import json
 
 import pytest
 
-from milliwatt.importers import bfcl_schema
-from milliwatt.quality import (
+from milliwatt.evaluation.importers import bfcl_schema
+from milliwatt.evaluation.quality import (
     TEXT_F1_THRESHOLD,
     bfcl_match,
     final_number,
     gsm8k_match,
     json_equal,
     judge,
+    salient_values,
     text_match,
     token_f1,
     tool_call_match,
@@ -178,6 +179,76 @@ def test_token_f1_is_a_proxy_with_a_stated_threshold():
     assert same.kind == other.kind == "proxy" and same.metric == "text_token_f1"
     assert same.agrees and same.score >= TEXT_F1_THRESHOLD
     assert not other.agrees and other.score < TEXT_F1_THRESHOLD
+
+
+# A recorded reference naming a reservation, an amount, a date and a flight, and replies to it.
+REFERENCE = "I have cancelled reservation ZFA04Y. A refund of $1,234.50 will reach your card ending 7447 by May 18."
+GENERIC = "I have cancelled your reservation. A refund will reach your card within a few business days."
+
+
+def test_a_generic_reply_no_longer_agrees_with_a_reference_that_names_values():
+    # The old rule let it pass: token F1 alone is above the threshold.
+    assert token_f1(GENERIC, REFERENCE) >= TEXT_F1_THRESHOLD
+    q = text_match(text(GENERIC), REFERENCE)
+    assert (q.kind, q.agrees) == ("proxy", False)
+    assert "missing" in q.detail and all(v in q.detail for v in ("zfa04y", "1234.5", "7447", "05-18"))
+
+
+def test_a_reply_with_the_same_values_written_differently_agrees():
+    same = "Reservation ZFA04Y is cancelled: your refund of 1234.5 dollars will reach the card ending 7447 by 2024-05-18."
+    q = text_match(text(same), REFERENCE)
+    assert q.agrees, q.detail
+
+
+@pytest.mark.parametrize(
+    ("reply", "added"),
+    [
+        (REFERENCE + " A cancellation fee of $50 was deducted.", "added 50"),  # an amount the reference lacks
+        (REFERENCE.replace("May 18", "May 19"), "added 05-19"),  # one value changed: missing and added
+        (REFERENCE.replace("ZFA04Y", "ZFA04X"), "added zfa04x"),
+        (REFERENCE + " Your flight to JFK is unaffected.", "added jfk"),
+    ],
+)
+def test_a_reply_that_adds_or_changes_a_value_disagrees(reply, added):
+    q = text_match(text(reply), REFERENCE)
+    assert token_f1(reply, REFERENCE) >= TEXT_F1_THRESHOLD and not q.agrees and added in q.detail, q.detail
+
+
+def test_values_alone_do_not_make_a_reply_agree():
+    q = text_match(text("ZFA04Y 1234.50 7447 May 18"), REFERENCE)
+    assert not q.agrees and q.score < TEXT_F1_THRESHOLD
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("It costs $1,234.50.", "It costs 1234.5 in total."),
+        ("Flight HAT123 leaves on May 18th, 2024 at 9:00 PM.", "flight hat123 leaves on 2024-05-18 at 21:00"),
+        ("You have 3 bags.", "You have 3.0 bags."),
+        ("Thanks, I'll check. Please wait.", "Thank you. I will check, please wait."),  # no values in either
+        ("Your user ID, please?", "Please give me your user id."),  # "ID": two capitals, not a code
+    ],
+)
+def test_the_same_value_written_two_ways_is_one_value(a, b):
+    assert salient_values(a) == salient_values(b)
+
+
+@pytest.mark.parametrize(
+    ("sentence", "value"),
+    [
+        ("Your booking for Ivan Smith is confirmed.", "name:smith"),
+        ("The code is mia_li_3668.", "id:mia_li_3668"),
+        ("It departs from JFK.", "id:jfk"),
+        ("A 20% discount applies.", "20"),
+        ("It arrives at 7 am.", "time:07:00"),
+    ],
+)
+def test_values_are_numbers_ids_codes_dates_times_and_names(sentence, value):
+    assert value in salient_values(sentence)
+
+
+def test_a_capitalised_word_opening_a_sentence_or_a_label_is_not_a_name():
+    assert salient_values("Sure. Your flight is booked.\n- **Cabin Class:** economy") == set()
 
 
 def test_answer_of_the_wrong_shape_disagrees():

@@ -11,7 +11,7 @@ import pytest
 
 from milliwatt.cli import main
 from milliwatt.errors import RemoteBadRequest
-from milliwatt.importers import TraceError, detect_format, load_trace
+from milliwatt.evaluation.importers import TraceError, detect_format, load_trace
 from milliwatt.types import Step, StepMeta
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -71,7 +71,7 @@ def test_gsm8k_rows_become_one_user_turn_with_the_strong_models_answer():
 
 
 def test_a_saved_trace_reads_back_as_the_same_steps(tmp_path):
-    from milliwatt.replay import write_trace
+    from milliwatt.evaluation.replay import write_trace
 
     steps = load_trace(FIXTURES / "tau_mini.json", tools=FIXTURES / "tau_tools.json").steps
     write_trace(steps, tmp_path / "t.jsonl")
@@ -157,7 +157,7 @@ def test_bad_input_stops_the_replay_before_any_step_or_summary(tmp_path, capsys)
 @pytest.mark.asyncio(loop_scope="session")
 async def test_the_remote_path_serves_recorded_answers_by_replay_id():
     from milliwatt.adapters import LiteLLMBackend
-    from milliwatt.adapters.replay_provider import PROVIDER, serving
+    from milliwatt.evaluation.replay_provider import PROVIDER, serving
     from milliwatt.model_tier import ModelTier
 
     answer = {"role": "assistant", "content": "Recorded.", "tool_calls": None}
@@ -174,11 +174,47 @@ async def test_the_remote_path_serves_recorded_answers_by_replay_id():
             await tier.attempt(other)
 
 
+# --------------------------------------------------------------------------- the baseline's quality
+
+
+def test_the_baseline_is_judged_per_kind_of_measure_never_mixed(tmp_path):
+    from milliwatt.evaluation.replay import _add_baseline_quality
+
+    good = _good()  # a text step whose recorded answer is its reference
+    wrong_call = {
+        **good, "id": "x2", "answer": {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "get_order_status", "arguments": '{"order_id": "1"}'}}]},
+        "reference": {"kind": "tool_call", "calls": [{"name": "get_order_status", "arguments": {"order_id": "2"}}]},
+    }  # fmt: skip
+    right_call = {**wrong_call, "id": "x3", "reference": {"kind": "tool_call", "calls": [
+        {"name": "get_order_status", "arguments": {"order_id": "1"}}]}}  # fmt: skip
+    steps = load_trace(_lines(tmp_path / "t.jsonl", [good, wrong_call, right_call])).steps
+    wh = {"low": 1.0, "point": 2.0, "high": 4.0}
+    summary = {
+        "quality": {kind: {"energy_wh": {"cascade": wh, "baseline": wh}} for kind in ("exact", "proxy")},
+        "energy_per_useful_answer_wh": {kind: {"cascade": None, "baseline": None} for kind in ("exact", "proxy")},
+    }
+    _add_baseline_quality(summary, steps)
+    q = summary["quality"]
+    assert (q["exact"]["baseline"], q["proxy"]["baseline"]) == (0.5, 1.0)
+    assert "baseline" not in q and q["baseline_recorded"] is None
+    # energy per useful answer: the kind's baseline energy over its agreeing recorded answers
+    assert summary["energy_per_useful_answer_wh"]["exact"]["baseline"] == wh  # 1 of 2 agree
+    assert summary["energy_per_useful_answer_wh"]["proxy"]["baseline"] == wh
+
+
 # --------------------------------------------------------------------------- end to end
 
 def _replay(tmp_path: Path, name: str, *extra: str) -> tuple[dict, list[tuple]]:
+    from milliwatt.examples import SUPPORT_RULES
+
+    # The support trace's greetings and order look-ups are for the demo's rule pack; no pack
+    # is loaded by default.
+    config = tmp_path / "milliwatt.yaml"
+    config.write_text(json.dumps({"rules": {"packs": [str(SUPPORT_RULES)]}}))
     ledger, out = tmp_path / f"{name}.db", tmp_path / f"{name}.json"
-    assert main(["replay", str(SUPPORT), "--ledger", str(ledger), "--json", str(out), "--quiet", *extra]) == 0
+    args = ["replay", str(SUPPORT), "--config", str(config), "--ledger", str(ledger), "--json", str(out), "--quiet"]
+    assert main([*args, *extra]) == 0
     rows = sqlite3.connect(ledger).execute(
         "select session_id, tier, label, model, quality_metric, quality_kind, quality_agrees from steps order by id"
     ).fetchall()
@@ -202,22 +238,39 @@ def test_replay_through_the_real_cascade_is_deterministic_and_judged(tmp_path, c
 
     # Determinism: the same tiers step by step, the same verdicts.
     assert [r[:2] + r[4:] for r in rows] == [r[:2] + r[4:] for r in rows_again]
-    assert second["tiers"] == tiers and second["quality"] == first["quality"]
+    def verdicts(summary: dict) -> dict:  # the quality figures without energy (CPU time varies)
+        return {k: {**v, "energy_wh": None} if isinstance(v, dict) else v for k, v in summary["quality"].items()}
 
-    for key in ("steps", "tiers", "quality", "energy_wh", "savings_factor", "tokens", "wall_s", "energy_per_useful_answer_wh"):
-        assert key in first
+    assert second["tiers"] == tiers and verdicts(second) == verdicts(first) and second["by_tier"] == first["by_tier"]
+
     q = first["quality"]
-    assert {"metric", "cascade", "baseline", "exact", "proxy"} <= set(q)
-    assert q["baseline"] == 1.0 and q["exact"]["steps"] == 2 and q["proxy"]["steps"] == 8
+    assert q["exact"]["steps"] == 2 and q["proxy"]["steps"] == 8 and "proxy" in q["metric"]
     assert q["exact"]["share"] == 1.0  # the order look-up (rules) and the account look-up
-    assert 0 < q["cascade"] <= 1 and "proxy" in q["metric"]
-    for side in ("cascade", "baseline"):
-        assert set(first["energy_wh"][side]) == {"low", "point", "high"}
-        per = first["energy_per_useful_answer_wh"][side]
-        assert 0 < per["low"] <= per["point"] <= per["high"]
-    assert set(first["savings_factor"]) == {"low", "point", "high"}
-    assert set(first["tokens"]) == {"input_raw", "input_sent", "output"}
-    assert "Quality against the reference" in printed and "energy per useful answer" in printed
+
+    # by_tier: the ledger's verdicts per answering tier, exact and proxy apart; cheap_tiers adds
+    # up every tier but remote, whose answers are the recorded ones and are marked so.
+    by_tier, cheap = first["by_tier"], first["cheap_tiers"]
+    assert {t: v["steps"] for t, v in by_tier.items()} == tiers
+    for t, v in by_tier.items():
+        verdicts = [r[6] for r in rows if r[1] == t]
+        exact = [r[6] for r in rows if r[1] == t and r[5] == "exact"]
+        assert (v["judged_exact"], v["agree_exact"]) == (len(exact), sum(exact))
+        assert v["judged_exact"] + v["judged_proxy"] == len(verdicts)
+        assert v["agree_exact"] + v["agree_proxy"] == sum(verdicts)
+        assert v["serves_recorded_answer"] == (t == "remote")
+    assert cheap["tiers"] == [t for t in ("rules", "cache", "local") if t in tiers]
+    assert cheap["steps"] == first["steps"] - tiers["remote"]
+    cheap_rows = [r for r in rows if r[1] != "remote"]
+    for kind in ("exact", "proxy"):
+        mine = [r[6] for r in cheap_rows if r[5] == kind]
+        assert (cheap[kind]["judged"], cheap[kind]["agree"]) == (len(mine), sum(mine))
+    # The printed summary leads with the cheap tiers and never prints one mixed figure.
+    assert printed.index("Quality of the cheap tiers") < printed.index("Answered by tier")
+    assert "cheap tiers together" in printed and "remote *" in printed and "all judged" not in printed
+    for kind in ("exact", "proxy"):
+        per = first["energy_per_useful_answer_wh"][kind]
+        for side in ("cascade", "baseline"):
+            assert 0 < per[side]["low"] <= per[side]["point"] <= per[side]["high"]
 
     # --warm-from: the first run's model answers are in the cache before the first step.
     warm, _ = _replay(tmp_path, "warm", "--warm-from", str(tmp_path / "one.db"))
@@ -232,4 +285,7 @@ def test_replay_smoke_on_shared_bfcl(tmp_path):
     assert main([*args, "--ledger", str(tmp_path / "b.db"), "--json", str(out)]) == 0
     summary = json.loads(out.read_text())
     assert summary["steps"] == 3 and summary["quality"]["metric"] == "bfcl_ast (exact)"
-    assert summary["quality"]["baseline"] == 1.0 and summary["labels"].get("oracle", {}).get("remote", 0) == summary["tiers"].get("remote", 0)
+    assert summary["quality"]["proxy"]["steps"] == 0 and summary["quality"]["proxy"]["baseline"] is None
+    remote = summary["by_tier"].get("remote")
+    assert remote is None or (remote["serves_recorded_answer"] and remote["measure"] == "exact")
+    assert summary["cheap_tiers"]["steps"] + (remote or {"steps": 0})["steps"] == 3

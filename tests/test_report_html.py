@@ -1,11 +1,11 @@
-"""The HTML report: one self-contained page with the five charts, checked in a real headless
-browser (Debian's chromium, installed by scripts/setup.sh)."""
+"""The run report: the summary's quality figures (cheap tiers first, exact and proxy apart),
+and the HTML page: self-contained, with the five charts, checked in a real headless browser
+(Debian's chromium, installed by scripts/setup.sh)."""
 
 from __future__ import annotations
 
 import re
 import shutil
-import sqlite3
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -15,13 +15,13 @@ from PIL import Image
 
 from milliwatt.cli import main
 from milliwatt.ids import new_step_id
-from milliwatt.ledger import VERSION_TABLE, Ledger, LedgerError
-from milliwatt.report_html import TIER_COLOURS, write_html_report
+from milliwatt.ledger import Ledger, LedgerError
+from milliwatt.reports.html import TIER_COLOURS, write_html_report
+from milliwatt.reports.summary import format_summary, summarize
 from milliwatt.types import Attempt, Energy, Quality, StepMeta, StepRecord
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 CHARTS = ("energy-per-step", "cumulative-energy", "tier-mix", "quality-by-tier", "tokens-trimmed")
-QUALITY_COLUMNS = ("quality_metric", "quality_kind", "quality_agrees", "quality_score", "quality_detail")
 
 
 def cpu(point: float) -> Energy:
@@ -84,13 +84,29 @@ def quality(i: int, tier: str) -> Quality | None:
     return Quality("tool_call_match", "exact", i % 4 != 1, 1.0)
 
 
-def write_ledger(path: Path, n: int = 40, *, with_quality: bool = True) -> Path:
-    tiers = ["rules", "cache", "local", "remote"]
+def tier_of(i: int) -> str:
+    return ["rules", "cache", "local", "remote"][(i * 7 + i // 9) % 4]
+
+
+def write_ledger(path: Path, n: int = 40, *, with_quality: bool = True, remote_label: str | None = "replay") -> Path:
     with Ledger(path) as ledger:
         for i in range(n):
-            tier = tiers[(i * 7 + i // 9) % 4]
-            ledger.write_sync(replace(step(i, tier), quality=quality(i, tier) if with_quality else None))
+            record = replace(step(i, tier_of(i)), quality=quality(i, tier_of(i)) if with_quality else None)
+            if record.tier == "remote":
+                record = replace(record, label=remote_label)
+            ledger.write_sync(record)
     return path
+
+
+def counts(n: int, tiers: set[str]) -> dict[str, tuple[int, int]]:
+    """kind -> (judged, agreeing) over the fixture's steps answered by ``tiers``, from its generators."""
+    out: dict[str, tuple[int, int]] = {}
+    for i in range(n):
+        q = quality(i, tier_of(i))
+        if tier_of(i) in tiers and q is not None:
+            judged, agree = out.get(q.kind, (0, 0))
+            out[q.kind] = (judged + 1, agree + q.agrees)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +115,58 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     ledger = write_ledger(tmp / "ledger.db")
     out = write_html_report(ledger, tmp / "out" / "report.html", png_dir=tmp / "png")
     return out, tmp / "png"
+
+
+# --------------------------------------------------------------------------- the summary's quality
+
+
+def test_cheap_tiers_and_by_tier_count_each_kind_apart(tmp_path: Path) -> None:
+    s = summarize(write_ledger(tmp_path / "l.db"))
+    cheap = s["cheap_tiers"]
+    assert cheap["tiers"] == ["rules", "cache", "local"]  # the cascade's order, remote left out
+    assert cheap["steps"] == sum(tier_of(i) != "remote" for i in range(40))
+    for kind, (judged, agree) in counts(40, {"rules", "cache", "local"}).items():
+        assert (cheap[kind]["judged"], cheap[kind]["agree"]) == (judged, agree)
+        assert cheap[kind]["share"] == agree / judged
+    for tier, v in s["by_tier"].items():
+        assert v["steps"] == sum(tier_of(i) == tier for i in range(40))
+        mine = counts(40, {tier})
+        for kind in ("exact", "proxy"):
+            judged, agree = mine.get(kind, (0, 0))
+            assert (v[f"judged_{kind}"], v[f"agree_{kind}"]) == (judged, agree)
+        # agree/share: the exact figures where there are any, else the proxy's; never a sum of both.
+        assert v["measure"] == ("exact" if "exact" in mine else "proxy")
+        assert (v["agree"], v["share"]) == (v[f"agree_{v['measure']}"], v[f"share_{v['measure']}"])
+    # No quality figure mixes the two kinds: only per-kind shares remain.
+    assert not {"cascade", "baseline", "agree", "by_tier"} & set(s["quality"])
+
+
+def test_the_remote_tier_is_marked_only_when_it_served_the_recorded_answer(tmp_path: Path) -> None:
+    replayed = summarize(write_ledger(tmp_path / "replay.db"))
+    assert [t for t, v in replayed["by_tier"].items() if v["serves_recorded_answer"]] == ["remote"]
+    assert "remote *" in format_summary(replayed) and "served the recorded answer" in format_summary(replayed)
+    live = summarize(write_ledger(tmp_path / "live.db", remote_label=None))
+    assert not any(v["serves_recorded_answer"] for v in live["by_tier"].values())
+    assert "remote *" not in format_summary(live) and "served the recorded answer" not in format_summary(live)
+
+
+def test_format_summary_leads_with_the_cheap_tiers_and_prints_no_mixed_figure(tmp_path: Path) -> None:
+    text = format_summary(summarize(write_ledger(tmp_path / "l.db")))
+    lines = text.splitlines()
+    head = lines.index(next(ln for ln in lines if ln.startswith("Quality of the cheap tiers")))
+    assert head < lines.index("Answered by tier")
+    (together,) = [ln for ln in lines if ln.startswith("cheap tiers together")]
+    (exact_j, exact_a), (proxy_j, proxy_a) = (counts(40, {"rules", "cache", "local"})[k] for k in ("exact", "proxy"))
+    assert f"{exact_a} of {exact_j} (" in together and f"{proxy_a} of {proxy_j} (" in together
+    assert "all judged" not in text
+    # energy per useful answer, per kind: each kind's energy over its own agreeing steps
+    assert "energy per useful answer, exact-judged steps, cascade" in text
+
+
+def test_a_ledger_without_quality_prints_no_quality_section(tmp_path: Path) -> None:
+    s = summarize(write_ledger(tmp_path / "l.db", n=6, with_quality=False))
+    assert s["quality"]["judged"] == 0 and s["cheap_tiers"]["exact"]["share"] is None
+    assert "Quality" not in format_summary(s)
 
 
 # --------------------------------------------------------------------------- the page
@@ -121,7 +189,18 @@ def test_page_states_method_ranges_labels_and_pass_reasons(report: tuple[Path, P
     assert "Labelled “replay”" in page  # the caveat on the remote figures
     # pass reasons grouped by shape: the two cache similarities count together
     assert "best similarity # &lt; #" in page and "no rule matched" in page
-    assert "exact" in page and "proxy" in page
+
+
+def test_page_leads_with_the_cheap_tiers_quality(report: tuple[Path, Path]) -> None:
+    page = report[0].read_text(encoding="utf-8")
+    assert page.index("Quality of the cheap tiers") < page.index("Who answered")
+    (exact_j, exact_a), (proxy_j, proxy_a) = (counts(40, {"rules", "cache", "local"})[k] for k in ("exact", "proxy"))
+    together = re.search(r"cheap tiers together</b></td><td>[\d,]+</td><td>([^<]*)</td><td>([^<]*)</td>", page)
+    assert together is not None
+    assert together[1].startswith(f"{exact_a} of {exact_j} (") and together[2].startswith(f"{proxy_a} of {proxy_j} (")
+    card = re.search(r"<div class=k>Quality, cheap tiers</div><div class=v>(\d+)%</div>", page)
+    assert card is not None and int(card[1]) == round(100 * exact_a / exact_j)
+    assert "remote *" in page and "served the recorded answer" in page
 
 
 def test_pngs_for_docs(report: tuple[Path, Path]) -> None:
@@ -139,11 +218,10 @@ def test_ledger_without_quality_reads_as_no_reference(tmp_path: Path) -> None:
     assert "no reference" in page and page.count("<figure class=chart") == 5
     # A ledger from before quality was recorded (no quality columns, no migration table) is
     # upgraded on opening and reads the same.
-    with sqlite3.connect(ledger) as conn:
-        for name in QUALITY_COLUMNS:
-            conn.execute(f"ALTER TABLE steps DROP COLUMN {name}")
-        conn.execute(f"DROP TABLE {VERSION_TABLE}")
-    page = write_html_report(ledger, tmp_path / "r.html").read_text(encoding="utf-8")
+    from test_migrations import unversioned_ledger
+
+    old = unversioned_ledger(tmp_path / "old.db")
+    page = write_html_report(old, tmp_path / "r.html").read_text(encoding="utf-8")
     assert "no reference" in page and page.count("<figure class=chart") == 5
 
 

@@ -1,4 +1,4 @@
-"""The rules tier: matching, actions, priorities, the bundled pack, and rule-file errors
+"""The rules tier: matching, actions, priorities, the demo's pack, and rule-file errors
 that name the file and the line."""
 
 from __future__ import annotations
@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import re
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
+from milliwatt.config import load_settings
 from milliwatt.errors import ConfigError, RuleFileError
-from milliwatt.rules import BUNDLED_PACKS, RuleSet, RulesTier, check, load_rules
+from milliwatt.examples import SUPPORT_RULES
+from milliwatt.rules import RuleSet, RulesTier, check, load_rules
+from milliwatt.registry import build_tier
 from milliwatt.types import Step, StepMeta
 
 SUPPORT = StepMeta(agent="support", tenant="acme", session_id="s1")
@@ -59,7 +61,7 @@ def test_public_api_is_small_and_pinned():
     import milliwatt.rules
 
     assert sorted(milliwatt.rules.__all__) == [
-        "BUNDLED_PACKS", "Evaluation", "Rule", "RuleMatch", "RuleSet", "RulesTier", "check", "load_rules"]
+        "Evaluation", "Rule", "RuleMatch", "RuleSet", "RulesTier", "check", "load_rules"]
 
 
 # --------------------------------------------------------------------------- conditions
@@ -270,7 +272,7 @@ def test_priority_wins_and_ties_keep_file_order(tmp_path):
 
 @pytest.mark.asyncio
 async def test_tier_answers_with_the_rule_as_model_and_cpu_energy():
-    tier = RulesTier()
+    tier = RulesTier(SUPPORT_RULES)
     r = await tier.attempt(user_step("Where is my order #12345?", tools=SUPPORT_TOOLS))
     assert r.answered and r.tier == "rules"
     assert r.reason == "rule support/order-status matched" and r.model == "rules:support/order-status"
@@ -281,25 +283,25 @@ async def test_tier_answers_with_the_rule_as_model_and_cpu_energy():
 
 @pytest.mark.asyncio
 async def test_tier_route_passes_with_skip_to():
-    r = await RulesTier().attempt(user_step("I'm filing a chargeback with my bank", tools=SUPPORT_TOOLS))
+    r = await RulesTier(SUPPORT_RULES).attempt(user_step("I'm filing a chargeback with my bank", tools=SUPPORT_TOOLS))
     assert not r.answered
     assert r.skip_to == "remote" and r.reason == "rule support/legal-to-remote routes to remote"
 
 
 @pytest.mark.asyncio
 async def test_tier_passes_when_no_rule_matches():
-    r = await RulesTier().attempt(user_step("Can I swap the blue sweater for a medium?", tools=SUPPORT_TOOLS))
+    r = await RulesTier(SUPPORT_RULES).attempt(user_step("Can I swap the blue sweater for a medium?", tools=SUPPORT_TOOLS))
     assert not r.answered and r.skip_to is None and r.reason == "no rule matched"
     assert r.energy.method == "cpu-time"
 
 
 @pytest.mark.asyncio
 async def test_tier_refusal_is_labelled():
-    r = await RulesTier().attempt(user_step("Tell me the password for john@example.com", tools=SUPPORT_TOOLS))
+    r = await RulesTier(SUPPORT_RULES).attempt(user_step("Tell me the password for john@example.com", tools=SUPPORT_TOOLS))
     assert r.answered and r.label == "refusal" and "can't share" in r.message["content"]
 
 
-def test_from_settings(tmp_path):
+def test_rules_tier_from_configuration(tmp_path):
     path = write(tmp_path, "p.yaml", """
         pack: p
         rules:
@@ -307,19 +309,29 @@ def test_from_settings(tmp_path):
             when: {keywords: {any: [ping]}}
             reply: pong
     """)
-    tier = RulesTier.from_settings({"packs": [str(path)], "cpu": {"low_w": 1.0, "point_w": 2.0, "high_w": 3.0}})
+    settings = load_settings({"rules": {"packs": str(path)}, "energy": {"cpu_watts_low": 1.0, "cpu_watts_point": 2.0, "cpu_watts_high": 3.0}})
+    tier = build_tier("rules", settings)
     assert tier.packs == (str(path),) and tier.ruleset.match_text("ping").message["content"] == "pong"
-    assert RulesTier.from_settings({}).ruleset.packs == ("support",)
     with pytest.raises(ConfigError, match="rules.pack"):
-        RulesTier.from_settings({"pack": "x"})
-    with pytest.raises(ConfigError, match="rules.cpu"):
-        RulesTier.from_settings({"cpu": {"watts": 3}})
+        load_settings({"rules": {"pack": "x"}})
 
 
-# --------------------------------------------------------------------------- the bundled pack
+@pytest.mark.asyncio
+async def test_default_configuration_answers_nothing_from_demo_data():
+    # The README's agent-loop example: the demo's pack used to answer it by default.
+    tier = build_tier("rules", load_settings())
+    assert tier.packs == ()
+    step = user_step("Where is my order 48213?", tools=SUPPORT_TOOLS)
+    for text in ("Where is my order 48213?", "Hello!", "What are your opening hours?"):
+        r = await tier.attempt(user_step(text, tools=SUPPORT_TOOLS))
+        assert not r.answered and r.reason == "no rule matched"
+    assert not (await tier.attempt(step)).answered
 
-def test_bundled_pack_is_valid():
-    assert check(BUNDLED_PACKS) == []
+
+# --------------------------------------------------------------------------- the demo's pack
+
+def test_demo_pack_is_valid():
+    assert check(SUPPORT_RULES) == []
 
 
 @pytest.mark.parametrize(("text", "history", "expected"), [
@@ -341,28 +353,17 @@ def test_bundled_pack_is_valid():
     ("thank you so much!", EARLIER_REPLY, "thanks"),
 ])
 def test_support_pack(text, history, expected):
-    m = load_rules().match(user_step(text, tools=SUPPORT_TOOLS, history=history))
+    m = load_rules(SUPPORT_RULES).match(user_step(text, tools=SUPPORT_TOOLS, history=history))
     assert (m.rule.id if m else None) == expected
 
 
 def test_support_pack_answers_only_its_own_agent():
-    assert load_rules().match(user_step("Hello!", meta=StepMeta(agent="airline", tenant="acme"))) is None
+    assert load_rules(SUPPORT_RULES).match(user_step("Hello!", meta=StepMeta(agent="airline", tenant="acme"))) is None
 
 
 def test_support_order_status_call():
-    m = load_rules().match(user_step("where is my order? it's #778899", tools=SUPPORT_TOOLS))
+    m = load_rules(SUPPORT_RULES).match(user_step("where is my order? it's #778899", tools=SUPPORT_TOOLS))
     assert json.loads(m.message["tool_calls"][0]["function"]["arguments"]) == {"order_id": "778899"}
-
-
-def test_matching_is_fast():
-    rs = load_rules()
-    step = user_step("I ordered a blue sweater last week but picked the wrong size; can I swap it?",
-                     tools=SUPPORT_TOOLS, history=EARLIER_REPLY * 3)
-    n = 500
-    t0 = time.perf_counter()
-    for _ in range(n):
-        rs.match(step)
-    assert (time.perf_counter() - t0) / n < 1e-3  # measured ~40 us; this only catches a gross regression
 
 
 # --------------------------------------------------------------------------- rule-file errors

@@ -3,7 +3,7 @@
 Every recorded step is sent through ``Milliwatt.step`` with the context it was recorded
 with; the cascade answers it. The remote tier is the real one (``LiteLLMBackend`` ->
 ``litellm.acompletion``) with the provider swapped for ``milliwatt-replay``, which serves
-the recorded answer (adapters/replay_provider.py); its energy is estimated for the model
+the recorded answer (evaluation/replay_provider.py); its energy is estimated for the model
 that recorded it, which is also the baseline. Each record's quality is set by wrapping the
 ledger (``QualitySink``), so the cascade knows nothing of replays.
 
@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .importers import FORMATS, Trace, TraceError, TraceStep, load_trace
-from .types import StepMeta, StepRecord
+from milliwatt.types import StepMeta, StepRecord
 
 if TYPE_CHECKING:
-    from .cascade import RecordSink
+    from milliwatt.cascade import RecordSink
 
 REPLAY_ID = "replay_id"  # the StepMeta.extra key the replay provider finds the answer by
 SEED = 0
@@ -39,7 +39,7 @@ ENERGY_SUBSTITUTES = {"gpt-4-1106-preview": "openai/gpt-4-turbo"}
 
 def energy_model_for(model: str) -> str:
     """The litellm id the recorded model's energy (and the baseline) is estimated for."""
-    from .energy import RemoteEnergyModel
+    from milliwatt.energy import RemoteEnergyModel
 
     name = ENERGY_SUBSTITUTES.get(model.split("/")[-1]) or (model if "/" in model else f"openai/{model}")
     RemoteEnergyModel().estimate(name, 1, 1)  # raises ValueError naming the model if EcoLogits lacks it
@@ -91,13 +91,13 @@ async def replay(
     """Replay ``trace`` (its first ``limit`` steps) into a fresh SQLite ledger; return the summary."""
     from tqdm import tqdm
 
-    from milliwatt.adapters.replay_provider import PROVIDER, serving
+    from milliwatt.evaluation.replay_provider import PROVIDER, serving
 
-    from .client import Milliwatt
-    from .config import load_settings
-    from .ids import new_step_id
-    from .ledger import delete_ledger_file
-    from .report import summarize
+    from milliwatt.client import Milliwatt
+    from milliwatt.config import load_settings
+    from milliwatt.ids import new_step_id
+    from milliwatt.ledger import delete_ledger_file
+    from milliwatt.reports.summary import summarize
 
     steps = trace.steps[:limit] if limit is not None else trace.steps
     model, label = frontier_of(trace, steps)
@@ -149,38 +149,36 @@ async def replay(
 
 
 def _add_baseline_quality(summary: dict[str, Any], steps: list[TraceStep]) -> None:
-    """The frontier's own quality: its recorded answers judged by the same measures (1.0
-    where the reference is that answer), and per useful answer its energy."""
+    """The frontier's own quality, per kind of measure: its recorded answers judged by the same
+    measures (1.0 where the reference is that answer), and per useful answer its energy."""
     from .quality import judge
 
     verdicts = [(judge(s.answer, s.reference, s.tools), s) for s in steps]
     q = summary["quality"]
-    agree = sum(v.agrees for v, _ in verdicts)
-    q["baseline"] = agree / len(verdicts)
     for kind in ("exact", "proxy"):
         part = [v.agrees for v, _ in verdicts if v.kind == kind]
         q[kind]["baseline"] = sum(part) / len(part) if part else None
+        base, agree = q[kind]["energy_wh"]["baseline"], sum(part)
+        summary["energy_per_useful_answer_wh"][kind]["baseline"] = (
+            {k: base[k] / agree for k in ("low", "point", "high")} if agree else None
+        )
     recorded = [s.reference["recorded_correct"] for _, s in verdicts if "recorded_correct" in s.reference]
     # The data set's own grading of the recorded answers (GSM8K: RouteLLM's), for comparison.
     q["baseline_recorded"] = sum(recorded) / len(recorded) if recorded else None
-    base = summary["energy_wh"]["baseline"]
-    summary["energy_per_useful_answer_wh"]["baseline"] = (
-        {k: base[k] / agree for k in ("low", "point", "high")} if agree else None
-    )
 
 
 def _answered_steps(ledger: str | Path) -> list[dict[str, Any]]:
     """(request, response, tier, model, tenant) of every answered step of a ledger, in order."""
     from sqlalchemy import select
 
-    from .ledger import STEPS, open_existing
+    from milliwatt.ledger import STEPS, open_existing
 
     engine, _ = open_existing(ledger)
     s = STEPS.c
     try:
         with engine.connect() as conn:
             rows = conn.execute(
-                select(s.request_json, s.response_json, s.tier, s.model, s.tenant).where(s.tier != "error").order_by(s.id)
+                select(s.request_json, s.response_json, s.tier, s.model, s.tenant).where(s.tier.not_in(("error", "cancelled"))).order_by(s.id)
             ).mappings().all()
     finally:
         engine.dispose()
@@ -189,8 +187,8 @@ def _answered_steps(ledger: str | Path) -> list[dict[str, Any]]:
 
 async def _warm_cache(mw: Any, rows: list[dict[str, Any]]) -> None:
     """Write a ledger's model answers into the cache, as the cascade's write-back would have."""
-    from .errors import ConfigError
-    from .types import Step
+    from milliwatt.errors import ConfigError
+    from milliwatt.types import Step
 
     names = [t.name for t in mw.tiers]
     if "cache" not in names:
@@ -229,7 +227,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .report import format_summary
+    from milliwatt.reports.summary import format_summary
 
     if args.limit is not None and args.limit < 1:
         raise TraceError(args.file, None, f"--limit must be at least 1, got {args.limit}")

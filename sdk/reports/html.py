@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, func, select
 
 from milliwatt.ledger import ATTEMPTS, STEPS, LedgerError, open_existing
-from milliwatt.report import summarize
+from milliwatt.reports.summary import summarize
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
-TIER_COLOURS = {"rules": "#009E73", "cache": "#56B4E9", "local": "#E69F00", "remote": "#D55E00", "error": "#7F7F7F"}
+TIER_COLOURS = {"rules": "#009E73", "cache": "#56B4E9", "local": "#E69F00", "remote": "#D55E00", "error": "#7F7F7F", "cancelled": "#BBBBBB"}
 _OTHER_COLOURS = ("#CC79A7", "#0072B2", "#F0E442", "#999999")
 _CASCADE, _BASELINE, _INK, _MUTED = "#5B3A8E", "#3D3D3D", "#1F2328", "#59636E"
 
@@ -256,7 +256,7 @@ def _charts(steps: _Steps, summary: dict[str, Any]) -> list[_Chart]:
             _energy_per_step(steps, methods),
             _cumulative_energy(steps, summary),
             _tier_mix(steps),
-            _quality_by_tier(steps),
+            _quality_by_tier(steps, summary),
             _tokens_trimmed(steps),
         ]
 
@@ -410,18 +410,24 @@ def _quality_counts(steps: _Steps) -> dict[str, dict[str, tuple[int, int]]]:
     return out
 
 
-def _quality_by_tier(steps: _Steps) -> _Chart:
+def _quality_by_tier(steps: _Steps, summary: dict[str, Any]) -> _Chart:
     counts = _quality_counts(steps)
+    served = [t for t, v in summary["by_tier"].items() if v["serves_recorded_answer"]]
     fig, ax = _figure("Quality by tier", "share of steps whose answer agrees with the reference; exact and proxy measures kept apart")
     if all(set(per) == {"none"} for per in counts.values()):
         _no_reference(ax)
     else:
-        _quality_bars(ax, counts, _tiers(steps))
+        _quality_bars(ax, counts, _tiers(steps), served)
     caption = (
         "For each tier, the share of its steps whose answer agreed with the reference (the frontier model's "
         "recorded answer or the ground truth). Solid bars are exact measures (the same tool call, the right "
         "final number); hatched bars are proxies (text similarity), never mixed into the exact ones. "
         "“No reference” means no step of that tier was judged: live traffic has no reference; replays do."
+        + (
+            f" {html.escape(', '.join(served))} served the recorded answer: its bar is the recorded model's own "
+            "agreement (true by construction where that answer is the reference), not the cascade's quality."
+            if served else ""
+        )
     )
     return _Chart("quality-by-tier", "Quality by tier", caption, fig)
 
@@ -436,7 +442,7 @@ def _no_reference(ax: Axes) -> None:
     )  # fmt: skip
 
 
-def _quality_bars(ax: Axes, counts: dict[str, dict[str, tuple[int, int]]], tiers: list[str]) -> None:
+def _quality_bars(ax: Axes, counts: dict[str, dict[str, tuple[int, int]]], tiers: list[str], served: list[str]) -> None:
     for i, tier in enumerate(tiers):
         for offset, kind, hatch in ((-0.2, "exact", None), (0.2, "proxy", "///")):
             judged, agreeing = counts[tier].get(kind, (0, 0))
@@ -448,7 +454,8 @@ def _quality_bars(ax: Axes, counts: dict[str, dict[str, tuple[int, int]]], tiers
                     alpha=1.0 if kind == "exact" else 0.7)  # fmt: skip
             ax.text(share + 1, i + offset, f"{kind}: {share:.0f}% of {judged:,}", va="center", fontsize=9, color=_INK)
     unjudged = [counts[t].get("none", (0, 0))[0] for t in tiers]
-    ax.set_yticks(range(len(tiers)), [f"{t}\n{n:,} without reference" if n else t for t, n in zip(tiers, unjudged)])
+    names = [f"{t}\n(recorded answer)" if t in served else t for t in tiers]
+    ax.set_yticks(range(len(tiers)), [f"{t}\n{n:,} without reference" if n else t for t, n in zip(names, unjudged)])
     ax.set_ylim(len(tiers) - 0.5, -0.5)  # cheapest tier on top, as in the cascade
     ax.set_xlim(0, 125)
     ax.set_xticks(range(0, 101, 20))
@@ -511,6 +518,7 @@ def _page(summary: dict[str, Any], steps: _Steps, charts: list[_Chart], reasons:
         f"{e(_day(summary['last_started_at']))} · generated {generated}</p>",
         "</header>",
         *_label_notes(summary),
+        _cheap_section(summary),
         _cards(summary, steps),
         _tier_section(summary, steps),
         "<section><h2>Charts</h2>",
@@ -566,23 +574,69 @@ def _cards(summary: dict[str, Any], steps: _Steps) -> str:
         _card("Input tokens trimmed", _pct(trimmed, tokens["input_raw"]),
               f"{tokens['input_raw']:,} raw → {tokens['input_sent']:,} sent<br>{tokens['output']:,} output tokens"),
         _card("Cost", f"${cost['cascade']:,.4f}", f"all-frontier ${cost['baseline']:,.4f}<br>remote tokens at list price"),
-        _card("Quality", *_quality_card(steps)),
+        _card("Quality, cheap tiers", *_quality_card(summary)),
     ]  # fmt: skip
     return "<section class=cards>" + "".join(cards) + "</section>"
 
 
-def _quality_card(steps: _Steps) -> tuple[str, str]:
-    per_kind: dict[str, tuple[int, int]] = {}
-    for kind, agrees in zip(steps.quality_kind, steps.quality_agrees):
-        if kind:
-            judged, agreeing = per_kind.get(kind, (0, 0))
-            per_kind[kind] = (judged + 1, agreeing + bool(agrees))
-    if not per_kind:
+def _quality_card(summary: dict[str, Any]) -> tuple[str, str]:
+    """The agreement of the steps the cheaper tiers answered: exact, else proxy, never mixed."""
+    if not summary["quality"]["judged"]:
         return "no reference", "no step was judged against a reference<br>(replays record quality)"
-    parts = [f"{kind}: {_pct(a, j)} of {j:,}" for kind, (j, a) in sorted(per_kind.items())]
-    headline = "exact" if "exact" in per_kind else "proxy"
-    judged, agreeing = per_kind[headline]
-    return _pct(agreeing, judged), f"agree ({headline})<br>{html.escape(' · '.join(parts))}"
+    cheap = summary["cheap_tiers"]
+    judged = {kind: cheap[kind] for kind in ("exact", "proxy") if cheap[kind]["judged"]}
+    if not judged:
+        return "–", f"no step answered by a cheaper tier was judged<br>({cheap['steps']:,} answered)"
+    parts = [f"{kind}: {_pct(v['agree'], v['judged'])} of {v['judged']:,}" for kind, v in judged.items()]
+    headline = next(iter(judged))
+    return (
+        _pct(judged[headline]["agree"], judged[headline]["judged"]),
+        f"agree ({headline}), {html.escape(', '.join(cheap['tiers']))}<br>{html.escape(' · '.join(parts))}",
+    )
+
+
+def _of(agree: int, judged: int) -> str:
+    return f"{agree:,} of {judged:,} ({_pct(agree, judged)})" if judged else "–"
+
+
+def _cheap_section(summary: dict[str, Any]) -> str:
+    """The quality that leads the page: per cheaper tier and together, exact and proxy apart."""
+    e = html.escape
+    if not summary["quality"]["judged"]:
+        return ""
+    cheap, by_tier = summary["cheap_tiers"], summary["by_tier"]
+
+    def row(name: str, colour: str | None, v: dict[str, Any], exact: tuple[int, int], proxy: tuple[int, int]) -> str:
+        dot = f"<i class=dot style='background:{colour}'></i>" if colour else ""
+        return (f"<tr><td>{dot}{name}</td><td>{v['steps']:,}</td><td>{_of(*exact)}</td><td>{_of(*proxy)}</td></tr>")  # fmt: skip
+
+    rows = [
+        row(e(t), _colour(t), v, (v["agree_exact"], v["judged_exact"]), (v["agree_proxy"], v["judged_proxy"]))
+        for t, v in by_tier.items() if t in cheap["tiers"]
+    ]  # fmt: skip
+    rows.append(row("<b>cheap tiers together</b>", None, cheap, (cheap["exact"]["agree"], cheap["exact"]["judged"]),
+                    (cheap["proxy"]["agree"], cheap["proxy"]["judged"])))  # fmt: skip
+    notes = []
+    for t, v in by_tier.items():
+        if t in cheap["tiers"]:
+            continue
+        served = v["serves_recorded_answer"]
+        rows.append(row(e(t) + (" *" if served else ""), _colour(t), v, (v["agree_exact"], v["judged_exact"]),
+                        (v["agree_proxy"], v["judged_proxy"])))  # fmt: skip
+        if served:
+            notes.append(
+                f"* {e(t)} served the recorded answer: its agreement is the recorded model's own (true by "
+                "construction where that answer is the reference), not the quality of the cascade."
+            )
+    return (
+        "<section><h2>Quality of the cheap tiers</h2>"
+        "<table><thead><tr><th>tier</th><th>steps answered</th><th>exact: agree of judged</th>"
+        "<th>proxy: agree of judged</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        "<p class=caption>Steps whose answer agrees with the reference (the frontier model's recorded answer or "
+        "the ground truth), for each tier cheaper than the frontier model and for them together. Exact measures "
+        "(the same tool call, the right final number) and proxies (text similarity) are counted apart and never "
+        "added up. " + " ".join(notes) + "</p></section>"
+    )
 
 
 def _tier_section(summary: dict[str, Any], steps: _Steps) -> str:

@@ -16,10 +16,14 @@ from typing import Any
 
 from sqlalchemy import Engine, case, func, select
 
-from milliwatt.ledger import ATTEMPTS, OUTCOMES, STEPS, LedgerError, open_existing
+from milliwatt.ledger import ATTEMPTS, OUTCOMES, STEPS, LedgerError, fault_lines, open_existing, read_faults
 from milliwatt.types import Energy, savings_factor
 
 _RANGE = ("low", "point", "high")
+KINDS = ("exact", "proxy")
+LAST_RESORT = "remote"  # the cascade's last tier: the frontier model (config: remote.tier)
+# Labels of answers that are the recorded reference answer itself (docs/ledger.md, `label`).
+RECORDED_LABELS = ("replay", "oracle")
 
 
 def summarize(url_or_path: str | Path) -> dict[str, Any]:
@@ -93,20 +97,28 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
             .where(judged).group_by(s.quality_kind, s.quality_metric).order_by(s.quality_kind, s.quality_metric)
         ).all()
         quality_by_tier = conn.execute(
-            select(s.tier, func.count(), _sum(s.quality_agrees)).where(judged).group_by(s.tier).order_by(s.tier)
+            select(s.tier, s.quality_kind, func.count(), _sum(s.quality_agrees))
+            .where(judged).group_by(s.tier, s.quality_kind).order_by(s.tier, s.quality_kind)
+        ).all()
+        energy_by_kind = conn.execute(
+            select(s.quality_kind, *_range("energy"), *_range("baseline_energy")).where(judged).group_by(s.quality_kind)
         ).all()
 
     cascade = _energy(totals, "energy")
     baseline = _energy(totals, "baseline_energy")
-    quality = _quality(quality_rows, quality_by_tier)
-    useful = quality["agree"]
+    quality = _quality(quality_rows, energy_by_kind)
+    tiers = {tier: count for tier, count, *_ in by_tier}
+    quality_tiers = _by_tier(tiers, quality_by_tier, _labels(labels))
     return {
         "ledger": where,
         "steps": n,
         "sessions": totals["sessions"],
         "first_started_at": totals["first"],
         "last_started_at": totals["last"],
-        "tiers": {tier: count for tier, count, *_ in by_tier},
+        "tiers": tiers,
+        # The quality that matters first: that of the steps the cheaper tiers answered.
+        "cheap_tiers": _cheap_tiers(quality_tiers),
+        "by_tier": quality_tiers,
         "energy_wh": {"cascade": _as_range(cascade), "baseline": _as_range(baseline)},
         "energy_method": {
             "cascade": methods["energy"],
@@ -123,11 +135,14 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         "latency_ms": {**latency, "mean": totals["latency_mean"], "max": totals["latency_max"]},
         "latency_ms_by_tier": {tier: {"mean": mean, "total": total} for tier, mean, total in latency_by_tier},
         "quality": quality,
-        # Per step whose answer agrees with its reference. The baseline's needs the frontier's
-        # own quality, which only a replay knows (it fills it in).
+        # Per kind of measure: the energy of the steps it judged over those that agree. The
+        # baseline's needs the frontier's own quality, which only a replay knows (it fills it in).
         "energy_per_useful_answer_wh": {
-            "cascade": {k: v / useful for k, v in _as_range(cascade).items()} if useful else None,
-            "baseline": None,
+            kind: {
+                "cascade": {k: v / part["agree"] for k, v in part["energy_wh"]["cascade"].items()} if part["agree"] else None,
+                "baseline": None,
+            }
+            for kind, part in ((kind, quality[kind]) for kind in KINDS)
         },
         "energy_by_tier": {
             tier: {"steps": count, **dict(zip(_RANGE, wh))} for tier, count, *wh in by_tier
@@ -136,6 +151,8 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
             r.tier: {k: v for k, v in r._mapping.items() if k != "tier"} for r in by_attempt_tier
         },
         "labels": _labels(labels),
+        # Records that missed the tables: counts by kind, and what still waits in the spool.
+        "ledger_faults": read_faults(engine),
     }
 
 
@@ -143,34 +160,79 @@ def _share(agree: int, steps: int) -> float | None:
     return agree / steps if steps else None
 
 
-def _quality(rows: list[Any], by_tier: list[Any]) -> dict[str, Any]:
-    """Agreement with the reference, exact measures and proxies apart (see milliwatt.quality).
+def _quality(rows: list[Any], energy_by_kind: list[Any]) -> dict[str, Any]:
+    """Agreement with the reference, exact measures and proxies apart (see milliwatt.evaluation.quality).
 
-    ``cascade`` is the share of judged steps that agree under whichever measure judged them;
-    ``metric`` names every measure in it, so a proxy is never folded in unannounced.
-    ``baseline`` (the frontier's own quality) is None here: a replay sets it."""
+    No figure here mixes the two kinds: ``judged`` is only a count, and ``metric`` names every
+    measure used. ``baseline`` (the frontier's own quality, per kind) is None here: a replay
+    sets it. ``energy_wh`` is the energy of the steps the kind judged, for energy per useful
+    answer."""
+    energy = {r[0]: r for r in energy_by_kind}
     parts: dict[str, dict[str, Any]] = {}
-    for kind in ("exact", "proxy"):
+    for kind in KINDS:
         mine = [r for r in rows if r[0] == kind]
         steps, agree = sum(r[2] for r in mine), sum(int(r[3]) for r in mine)
+        sums = energy.get(kind)
         parts[kind] = {
             "steps": steps,
             "agree": agree,
             "share": _share(agree, steps),
             "baseline": None,
             "metrics": {m: {"steps": c, "agree": int(a), "share": _share(int(a), c), "mean_score": sc} for _, m, c, a, sc in mine},
+            "energy_wh": {
+                side: _as_range(_energy(sums._mapping, prefix)) if sums else {k: 0.0 for k in _RANGE}
+                for side, prefix in (("cascade", "energy"), ("baseline", "baseline_energy"))
+            },
         }
-    steps = parts["exact"]["steps"] + parts["proxy"]["steps"]
-    agree = parts["exact"]["agree"] + parts["proxy"]["agree"]
     return {
         "metric": " + ".join(f"{m} ({k})" for k, m, *_ in rows) or None,
-        "judged": steps,
-        "agree": agree,
-        "cascade": _share(agree, steps),
-        "baseline": None,
+        "judged": parts["exact"]["steps"] + parts["proxy"]["steps"],
         **parts,
-        "by_tier": {t: {"steps": c, "agree": int(a), "share": _share(int(a), c)} for t, c, a in by_tier},
     }
+
+
+def _tier_order(tier: str) -> tuple[int, str]:
+    # The cascade's order: rules, cache, local, plugin tiers, then the last resort and failures.
+    order = {"rules": 0, "cache": 1, "local": 2, LAST_RESORT: 4, "error": 5, "cancelled": 6}
+    return order.get(tier, 3), tier
+
+
+def _kind_counts(judged: int, agree: int) -> dict[str, Any]:
+    return {"judged": judged, "agree": agree, "share": _share(agree, judged)}
+
+
+def _by_tier(tiers: dict[str, int], rows: list[Any], labels: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
+    """Per answering tier: its steps, and how many of them each kind of measure judged and found
+    agreeing. ``agree``/``share`` repeat the exact figures where the tier has exact judgments,
+    else the proxy's (``measure`` says which; None when nothing was judged)."""
+    counts = {(t, k): (c, int(a)) for t, k, c, a in rows}
+    out: dict[str, dict[str, Any]] = {}
+    for tier in sorted(tiers, key=_tier_order):
+        entry: dict[str, Any] = {"steps": tiers[tier]}
+        for kind in KINDS:
+            judged, agree = counts.get((tier, kind), (0, 0))
+            entry |= {f"judged_{kind}": judged, f"agree_{kind}": agree, f"share_{kind}": _share(agree, judged)}
+        measure = next((k for k in KINDS if entry[f"judged_{k}"]), None)
+        entry |= {
+            "measure": measure,
+            "agree": entry[f"agree_{measure}"] if measure else 0,
+            "share": entry[f"share_{measure}"] if measure else None,
+            # Every step answered with the recorded answer itself (a replay's remote tier): its
+            # agreement is the recorded model's own, true by construction where that answer is
+            # the reference, and says nothing of the cascade.
+            "serves_recorded_answer": sum(labels.get(lb, {}).get(tier, 0) for lb in RECORDED_LABELS) == tiers[tier],
+        }
+        out[tier] = entry
+    return out
+
+
+def _cheap_tiers(by_tier: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The steps answered by every tier but the last-resort remote one (and failures), together."""
+    cheap = [t for t in by_tier if t not in (LAST_RESORT, "error", "cancelled")]
+    out: dict[str, Any] = {"tiers": cheap, "steps": sum(by_tier[t]["steps"] for t in cheap)}
+    for kind in KINDS:
+        out[kind] = _kind_counts(sum(by_tier[t][f"judged_{kind}"] for t in cheap), sum(by_tier[t][f"agree_{kind}"] for t in cheap))
+    return out
 
 
 def _energy(row: Any, prefix: str) -> Energy:
@@ -239,28 +301,63 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _of(agree: int, judged: int) -> str:
+    return f"{agree} of {judged} ({_pct(agree / judged)})" if judged else "-"
+
+
+def _cheap_tier_lines(s: dict[str, Any]) -> list[str]:
+    """The quality that leads: per cheap tier and together, exact and proxy apart; the last-resort
+    tier below them, marked when it served the recorded answer rather than answering."""
+    q, by_tier, cheap = s.get("quality") or {}, s.get("by_tier") or {}, s.get("cheap_tiers")
+    if not q.get("judged") or cheap is None:
+        return []
+    rows = [[t, str(v["steps"]), _of(v["agree_exact"], v["judged_exact"]), _of(v["agree_proxy"], v["judged_proxy"])]
+            for t, v in by_tier.items() if t in cheap["tiers"]]  # fmt: skip
+    rows.append(["cheap tiers together", str(cheap["steps"]), _of(cheap["exact"]["agree"], cheap["exact"]["judged"]),
+                 _of(cheap["proxy"]["agree"], cheap["proxy"]["judged"])])  # fmt: skip
+    notes = []
+    for t, v in by_tier.items():
+        if t in cheap["tiers"]:
+            continue
+        mark = " *" if v["serves_recorded_answer"] else ""
+        rows.append([t + mark, str(v["steps"]), _of(v["agree_exact"], v["judged_exact"]), _of(v["agree_proxy"], v["judged_proxy"])])
+        if mark:
+            notes.append(
+                f"* {t} served the recorded answer: its agreement is the recorded model's own (true by construction "
+                "where that answer is the reference), not the quality of the cascade"
+            )
+    out = ["", "Quality of the cheap tiers: steps whose answer agrees with the reference (exact and proxy apart)"]
+    out += _table(["tier", "steps", "exact: agree of judged", "proxy: agree of judged"], rows)
+    if not cheap["steps"]:
+        out.append("no step was answered by a tier cheaper than " + LAST_RESORT)
+    return out + notes
+
+
 def _quality_lines(s: dict[str, Any]) -> list[str]:
     q = s.get("quality") or {}
     if not q.get("judged"):
         return []
-    out = ["", f"Quality against the reference ({q['judged']} judged steps): {q['metric']}"]
-    rows = [["all judged", str(q["judged"]), _pct(q["cascade"]), _pct(q["baseline"])]]
-    for kind in ("exact", "proxy"):
+    out = ["", f"Quality by measure, every answering tier ({q['judged']} judged steps): {q['metric']}"]
+    rows = []
+    for kind in KINDS:
         part = q[kind]
         if part["steps"]:
             rows.append([kind + (" (reported apart)" if kind == "proxy" else ""), str(part["steps"]),
                          _pct(part["share"]), _pct(part["baseline"])])  # fmt: skip
             rows += [[f"  {m}", str(v["steps"]), _pct(v["share"]), ""] for m, v in part["metrics"].items()]
-    out += _table(["measure", "steps", "cascade agrees", "baseline agrees"], rows)
-    out.append("agreement by answering tier: " + ", ".join(
-        f"{t} {_pct(v['share'])} of {v['steps']}" for t, v in q["by_tier"].items()
-    ))  # fmt: skip
+    out += _table(["measure", "steps", "all tiers agree", "baseline agrees"], rows)
+    served = {t: v["steps"] for t, v in (s.get("by_tier") or {}).items() if v["serves_recorded_answer"]}
+    if served:
+        out.append("all tiers includes " + ", ".join(f"{t}'s {_steps(c)}" for t, c in served.items())
+                   + " answered with the recorded answer itself: read the cheap tiers' quality above")  # fmt: skip
     if q.get("baseline_recorded") is not None:
         out.append(f"baseline as graded by the data set itself: {_pct(q['baseline_recorded'])}")
     per = s["energy_per_useful_answer_wh"]
-    for side in ("cascade", "baseline"):
-        if per[side]:
-            out.append(f"energy per useful answer, {side}: " + " / ".join(_wh(per[side][k]) for k in _RANGE) + " Wh (low / point / high)")
+    for kind in KINDS:
+        for side in ("cascade", "baseline"):
+            if (per.get(kind) or {}).get(side):
+                out.append(f"energy per useful answer, {kind}-judged steps, {side}: "
+                           + " / ".join(_wh(per[kind][side][k]) for k in _RANGE) + " Wh (low / point / high)")  # fmt: skip
     return out
 
 
@@ -269,13 +366,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     s = summary
     n = s["steps"]
     out = [f"milliwatt ledger: {s['ledger']}"]
+    out += fault_lines(s.get("ledger_faults"))  # first: it says whether the figures below are whole
     if n == 0:
         return "\n".join([*out, "no steps logged"])
-    out += [
-        f"steps: {n} in {s['sessions']} session(s), {s['first_started_at']} .. {s['last_started_at']}",
-        "",
-        "Answered by tier",
-    ]
+    out += [f"steps: {n} in {s['sessions']} session(s), {s['first_started_at']} .. {s['last_started_at']}"]
+    out += _cheap_tier_lines(s)
+    out += ["", "Answered by tier"]
     out += _table(
         ["tier", "steps", "share", "Wh low", "Wh point", "Wh high"],
         [
@@ -325,8 +421,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m milliwatt.report LEDGER [--json]``."""
-    parser = argparse.ArgumentParser(prog="python -m milliwatt.report", description=__doc__.split("\n")[0])
+    """``python -m milliwatt.reports.summary LEDGER [--json]``."""
+    parser = argparse.ArgumentParser(prog="python -m milliwatt.reports.summary", description=__doc__.split("\n")[0])
     parser.add_argument("ledger", help="path to a SQLite ledger, or a SQLAlchemy URL")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidRequestError, MilliwattError
-from .types import Message, Step, validate_messages, validate_tools
+from milliwatt.errors import InvalidRequestError, MilliwattError
+from milliwatt.types import Message, Step, validate_messages, validate_tools
 
 FORMATS = ("tau", "bfcl", "gsm8k", "trace")
 LABELS = ("replay", "oracle")

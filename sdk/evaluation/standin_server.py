@@ -5,7 +5,7 @@ SmolLM2's own template and llama-cpp-python's ``chatml-function-calling`` fail o
 (StrictUndefined ``content``, no ``tool`` role), so this module registers a ChatML format
 that flattens them the way the local backend does, then runs the stock server:
 
-    python -m milliwatt.adapters.standin_server --model X.gguf --chat_format milliwatt-chatml
+    python -m milliwatt.evaluation.standin_server --model X.gguf --chat_format milliwatt-chatml
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from llama_cpp.llama_chat_format import ChatFormatterResponse, register_chat_format
 
-from .tool_grammar import flatten_messages
+from milliwatt.adapters.tool_grammar import flatten_messages
 
 CHAT_FORMAT = "milliwatt-chatml"
 

@@ -17,9 +17,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from .client import Milliwatt
-from .config import Settings, load_settings
-from .types import StepResult
+from milliwatt.client import Milliwatt
+from milliwatt.config import Settings, load_settings
+from milliwatt.types import StepResult
+
+from . import SUPPORT_RULES
 
 STAND_IN_MODEL = "smollm2-stand-in"
 
@@ -28,11 +30,11 @@ STAND_IN_MODEL = "smollm2-stand-in"
 async def remote_settings(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """The remote tier's settings: the configured provider (a ``remote.model`` in the
     configuration file or ``MILLIWATT_REMOTE_MODEL``), or a loopback stand-in."""
-    if settings.remote.get("model"):
+    if settings.remote.model:
         yield {}
         return
     frontier_model = settings.frontier_model
-    from milliwatt.adapters.loopback import LoopbackServer
+    from milliwatt.evaluation.loopback import LoopbackServer
 
     async with LoopbackServer(model_alias=STAND_IN_MODEL) as server:
         yield {
@@ -55,9 +57,9 @@ async def run_demo(
     """Run the scripted conversations; print each step and the totals; return the summary."""
     from milliwatt.examples.support_agent import CONVERSATIONS, run_conversation
 
-    from .report import format_summary, summarize
+    from milliwatt.reports.summary import format_summary, summarize
 
-    from .ledger import delete_ledger_file
+    from milliwatt.ledger import delete_ledger_file
 
     ledger_path = Path(ledger)
     delete_ledger_file(ledger_path)  # one demo run, one ledger: the totals below are this run's
@@ -67,6 +69,8 @@ async def run_demo(
         async with remote_settings(settings) as remote:
             data = settings.model_dump()
             data["remote"] = {**data["remote"], **remote}
+            # The demo names its own rule pack; no default configuration loads demo data.
+            data["rules"] = {**data["rules"], "packs": data["rules"]["packs"] or [str(SUPPORT_RULES)]}
             data["ledger"] = f"sqlite:///{ledger_path}"
             # A fresh cache per run unless one is named, so every run shows the same tiers.
             data["cache"] = {**data["cache"], "path": cache_path or tmp}

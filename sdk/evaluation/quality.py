@@ -15,10 +15,14 @@ Exact measures, each a yes/no:
 
 A proxy, reported apart and never averaged into the exact measures silently:
 
-* ``text_token_f1``: for a free-text step, SQuAD-style token F1 between the answer and the
-  recorded text, agreeing at ``TEXT_F1_THRESHOLD`` or more. Weakness: it is lexical. A
-  paraphrase with the same meaning can score low, and an answer that flips one word
-  ("can" / "cannot") or one number scores high.
+* ``text_token_f1``: for a free-text step, two conditions. SQuAD-style token F1 between the
+  answer and the recorded text is ``TEXT_F1_THRESHOLD`` or more, and the answer carries the
+  same set of salient values as the recorded text: none missing, none added
+  (``salient_values``). The score is the token F1; the detail names the values missing or
+  added. Weakness: it is lexical. A paraphrase with the same meaning can score low, and an
+  answer that flips one word ("can" / "cannot") with every value kept still agrees. The
+  value check is what stops a fluent generic reply ("Could you give me your reservation
+  id?") from passing for one that names the reservation, the amount and the date.
 
 An answer of the wrong shape (text where a tool call was recorded, or the reverse)
 disagrees under the reference's measure.
@@ -33,13 +37,13 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from .types import Message, Quality, content_text
+from milliwatt.types import Message, Quality, content_text
 
 TEXT_F1_THRESHOLD = 0.5
 
 
 def judge(answer: Message, reference: dict[str, Any], tools: Sequence[dict[str, Any]] = ()) -> Quality:
-    """The quality of ``answer`` against a trace reference (see ``milliwatt.importers``)."""
+    """The quality of ``answer`` against a trace reference (see ``milliwatt.evaluation.importers``)."""
     kind = reference["kind"]
     if kind == "tool_call":
         return tool_call_match(answer, reference["calls"])
@@ -250,9 +254,128 @@ def token_f1(answer: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+# Salient values: what a reply must get right besides its wording. Generic rules, in order:
+#   1. list markers and headings at the start of a line ("- ", "1. ", "## ") are dropped;
+#   2. dates become "date:MM-DD", written ISO ("2024-05-18") or with an English month name ("May
+#      18th", "18 May 2024"); a year written with the date is dropped with it, so "May 18" and
+#      "2024-05-18" are one value. Times ("9:00 AM", "21:05", "9 pm") become "time:HH:MM", 24-hour;
+#   3. each remaining token (split at white space and "/", outer punctuation stripped) is
+#      - a number if it is one, with an optional currency sign, thousands commas, decimals, %
+#        or an ordinal suffix: "$1,234.50" -> "1234.5", "3rd" -> "3";
+#      - an id if it has a digit or "_" ("HAT123", "mia_li_3668") or is an ALL-CAPS code of 3+
+#        letters ("JFK"): "id:" + lower case;
+#      - a name if it is capitalised ("Chen", not "ID"), not the first word of a line or of a
+#        sentence or clause (after ".", "!", "?" or ":"), not a word of a line's leading label
+#        ("Total Price:", "**Cabin Class:**"), and not in ``_NOT_NAMES``: "name:" + lower
+#        case, a trailing "'s" dropped;
+#      - else nothing (ordinary words, and ALL-CAPS words of 1 or 2 letters: "ID", "OK").
+# Numbers written as words ("two bags") are not values: the rule stays lexical. A single-word
+# name right after a colon or at a sentence start is missed: names are the weakest part.
+_MONTHS = {m: i for i, ms in enumerate((
+    ("jan", "january"), ("feb", "february"), ("mar", "march"), ("apr", "april"), ("may",), ("jun", "june"),
+    ("jul", "july"), ("aug", "august"), ("sep", "sept", "september"), ("oct", "october"), ("nov", "november"),
+    ("dec", "december"),
+), start=1) for m in ms}  # fmt: skip
+_MONTH = r"(?P<month>" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?"
+_DAY = r"(?P<day>[0-3]?\d)(?:st|nd|rd|th)?"
+_YEAR = r"(?:,?\s+\d{4}\b)?"
+_DATES = [
+    re.compile(r"\b\d{4}-(?P<mnum>[01]\d)-(?P<day>[0-3]\d)\b"),
+    re.compile(rf"\b{_MONTH}\s+{_DAY}\b{_YEAR}", re.I),
+    re.compile(rf"\b{_DAY}\s+(?:of\s+)?{_MONTH}\b{_YEAR}", re.I),
+]
+_TIMES = [
+    re.compile(r"\b(?P<h>[0-2]?\d):(?P<m>[0-5]\d)(?::[0-5]\d)?(?:\s*(?P<ampm>[ap])\.?m\b\.?)?", re.I),
+    re.compile(r"\b(?P<h>1[0-2]|0?\d)\s*(?P<ampm>[ap])\.?m\b\.?", re.I),
+]
+_LINE_MARK = re.compile(r"^[ \t]*(?:[-*+•>#]+|\d+[.)])[ \t]+", re.M)
+_LABEL = re.compile(r"[^:\s]+(?:[ \t]+[^:\s]+){0,3}:(?=\W|$)")  # up to 4 words and a colon
+_NUMBER_TOKEN = re.compile(r"[$€£]?(?P<n>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?:%|st|nd|rd|th)?")
+_EDGE = "\"'“”‘’()[]{}<>*_`.,;:!?"
+# Capitalised words that name nothing: the pronoun I, greetings and courtesy words that start
+# a clause after a comma, and titles. Kept small and generic on purpose.
+_NOT_NAMES = frozenset(
+    "i i'm i'll i've i'd please thank thanks hello hi hey yes no ok okay sure dear mr mrs ms dr".split()
+)
+
+
+def _number(text: str) -> str:
+    from decimal import Decimal
+
+    d = Decimal(text.replace(",", ""))
+    return str(int(d)) if d == d.to_integral_value() else str(d.normalize())
+
+
+def _is_id(token: str) -> bool:
+    return any(c.isdigit() for c in token) or "_" in token or (len(token) >= 3 and token.isalpha() and token.isupper())
+
+
+def salient_values(text: str) -> set[str]:
+    """The numbers, ids, codes, dates, times, amounts and names of ``text``, normalised so that
+    the same value written two ways is one value (rules above ``_MONTHS``)."""
+    values: set[str] = set()
+    text = _LINE_MARK.sub("", text)
+
+    def date(m: re.Match[str]) -> str:
+        month = int(m["mnum"]) if "mnum" in m.re.groupindex else _MONTHS[m["month"].lower().rstrip(".")]
+        day = int(m["day"])
+        if not (1 <= month <= 12 and 1 <= day <= 31):
+            return m[0]
+        values.add(f"date:{month:02d}-{day:02d}")
+        return " "
+
+    def time(m: re.Match[str]) -> str:
+        hour, ampm = int(m["h"]), (m["ampm"] or "").lower()
+        if ampm:
+            hour = hour % 12 + (12 if ampm == "p" else 0)
+        minute = m.groupdict().get("m") or "00"
+        values.add(f"time:{hour:02d}:{minute}")
+        return " "
+
+    for pattern in _DATES:
+        text = pattern.sub(date, text)
+    for pattern in _TIMES:
+        text = pattern.sub(time, text)
+    for line in text.splitlines():
+        label = _LABEL.match(line.lstrip(" \t*_"))
+        label_tokens = len(label[0].split()) if label else 0
+        sentence_start = True
+        for k, raw in enumerate(t for t in re.split(r"[\s/]+", line) if t):
+            token = raw.strip(_EDGE)
+            if token.endswith(("'s", "’s")):
+                token = token[:-2]
+            if not token:
+                pass
+            elif _NUMBER_TOKEN.fullmatch(token):
+                values.add(_number(_NUMBER_TOKEN.fullmatch(token)["n"]))  # type: ignore[index]
+            elif _is_id(token):
+                values.add("id:" + token.lower())
+            elif (
+                token[0].isupper() and any(c.islower() for c in token) and not sentence_start
+                and k >= label_tokens and token.lower() not in _NOT_NAMES
+            ):  # fmt: skip
+                values.add("name:" + token.lower())
+            sentence_start = raw.rstrip("\"'”’)*_").endswith((".", "!", "?", ":"))
+    return values
+
+
+def _value_list(values: set[str]) -> str:
+    return ", ".join(v.split(":", 1)[-1] for v in sorted(values))
+
+
 def text_match(answer: Message, reference: str) -> Quality:
     if answer.get("tool_calls"):
         return Quality("text_token_f1", "proxy", False, 0.0, "answered with a tool call; the reference is text")
-    score = token_f1(content_text(answer.get("content")), reference)
-    agrees = score >= TEXT_F1_THRESHOLD
-    return Quality("text_token_f1", "proxy", agrees, score, f"token F1 {score:.2f} {'>=' if agrees else '<'} {TEXT_F1_THRESHOLD}")
+    got = content_text(answer.get("content"))
+    score = token_f1(got, reference)
+    want, have = salient_values(reference), salient_values(got)
+    missing, added = want - have, have - want
+    detail = f"token F1 {score:.2f} {'>=' if score >= TEXT_F1_THRESHOLD else '<'} {TEXT_F1_THRESHOLD}"
+    if missing or added:
+        detail += "".join(
+            f"; {what} {_value_list(vals)}" for what, vals in (("missing", missing), ("added", added)) if vals
+        )  # fmt: skip
+    else:
+        detail += f"; the same {len(want)} value(s)" if want else "; no values in either"
+    agrees = score >= TEXT_F1_THRESHOLD and not missing and not added
+    return Quality("text_token_f1", "proxy", agrees, score, detail)

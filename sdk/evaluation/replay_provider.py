@@ -15,13 +15,16 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-import litellm
-from litellm import CustomLLM, ModelResponse
-from litellm.llms.custom_llm import CustomLLMError
+from milliwatt._offline import import_litellm
 
-from milliwatt.replay import REPLAY_ID
-from milliwatt.tokens import count_completion, count_request
-from milliwatt.types import Message
+litellm = import_litellm()  # offline: litellm's bundled price map, never a download
+
+from litellm import CustomLLM, ModelResponse  # noqa: E402
+from litellm.llms.custom_llm import CustomLLMError  # noqa: E402
+
+from milliwatt.evaluation.replay import REPLAY_ID  # noqa: E402
+from milliwatt.tokens import count_completion, count_request  # noqa: E402
+from milliwatt.types import Message  # noqa: E402
 
 PROVIDER = "milliwatt-replay"
 

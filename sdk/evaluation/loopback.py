@@ -19,7 +19,7 @@ from typing import IO
 
 from milliwatt.errors import BackendError
 
-from .llama_cpp import default_gguf_path
+from milliwatt.adapters.llama_cpp import default_gguf_path
 
 
 def free_port() -> int:
@@ -77,7 +77,7 @@ class LoopbackServer:
     async def _start(self) -> None:
         self.port = free_port()
         args = [
-            sys.executable, "-m", "milliwatt.adapters.standin_server", "--model", self.model_path, "--model_alias", self.model,
+            sys.executable, "-m", "milliwatt.evaluation.standin_server", "--model", self.model_path, "--model_alias", self.model,
             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx),
         ]  # fmt: skip
         if self.n_threads:
