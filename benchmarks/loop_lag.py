@@ -9,8 +9,10 @@ p50/p99, and which tier answered.
 
 The remote is a STAND-IN: ``milliwatt.testing.OpenAIStubServer``, an OpenAI-compatible HTTP
 server on 127.0.0.1 in a separate process, answering every chat completion with one fixed
-message. The remote path is the real one (litellm, the OpenAI client, HTTP, JSON), the model
-is not; its energy is charged as openai/gpt-4o-mini and labelled ``stand-in``.
+message. The remote path is the real one (litellm, the OpenAI client, HTTP, JSON, on the
+backend's own loop thread), the model is not; its energy is charged as openai/gpt-4o-mini and
+labelled ``stand-in``. ``--remote http-caller-loop`` runs litellm on the agents' loop instead
+(as before the backend had its thread), ``--remote inline`` takes litellm and HTTP out.
 
 The workload: every agent shares a ~5k-token prelude (system prompt, 8 tool schemas, a past
 exchange with a tool call). Even-numbered agents open a new ticket at every step (the prelude
@@ -18,7 +20,8 @@ plus one question: greetings and hand-offs hit rules, repeated questions hit the
 ones go remote); odd-numbered agents hold one growing conversation (each answer and the next
 question appended, so the cache partition is new at every step and the context grows).
 
-Run: ``.venv/bin/python benchmarks/loop_lag.py`` (``--agents``, ``--steps``, ``--json OUT``).
+Run: ``.venv/bin/python benchmarks/loop_lag.py`` (``--agents``, ``--steps``, ``--remote``,
+``--gc-freeze``, ``--json OUT``).
 """
 
 from __future__ import annotations
@@ -187,9 +190,16 @@ def build(api_base: str, rules_path: str, ledger_url: str | None, remote_kind: s
     from milliwatt.model_tier import ModelTier
     from milliwatt.rules import RulesTier
 
+    class CallerLoopBackend(LiteLLMBackend):
+        """``--remote http-caller-loop``: litellm on the caller's loop, as before the backend had
+        its own loop thread (for comparison only: it reaches into a private method)."""
+
+        async def complete(self, step: Any, *, abort: Any = None) -> Any:
+            return await self._complete(step)
+
     remote: Any = _InlineRemote()
-    if remote_kind == "http":
-        backend = LiteLLMBackend(
+    if remote_kind in ("http", "http-caller-loop"):
+        backend = (LiteLLMBackend if remote_kind == "http" else CallerLoopBackend)(
             "openai/stub", api_base=api_base, api_key="stand-in", label="stand-in", energy_model="openai/gpt-4o-mini",
             max_retries=0, timeout_s=60,
         )  # fmt: skip
@@ -276,9 +286,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ledger="sqlite (temporary file)" if not args.no_ledger else "none",
         gc_freeze=bool(args.gc_freeze),
         command="benchmarks/loop_lag.py " + " ".join(sys.argv[1:]),
-        remote="stand-in: OpenAI-compatible stub on 127.0.0.1 (separate process), fixed reply, through litellm"
-        if args.remote == "http"
-        else "inline: no HTTP, no litellm (attribution run)",
+        remote={
+            "http": "stand-in: OpenAI-compatible stub on 127.0.0.1 (separate process), fixed reply, through litellm "
+            "on the backend's own loop thread",
+            "http-caller-loop": "stand-in, as http, but litellm on the caller's event loop (comparison run)",
+            "inline": "inline: no HTTP, no litellm (attribution run)",
+        }[args.remote],
     )
     return result
 
@@ -290,10 +303,11 @@ def main() -> None:
     parser.add_argument("--no-ledger", action="store_true", help="no ledger (default: SQLite in a temporary folder)")
     parser.add_argument(
         "--remote",
-        choices=("http", "inline"),
+        choices=("http", "http-caller-loop", "inline"),
         default="http",
-        help="http (default): litellm to the stand-in server; inline: a tier answering after 2 ms with no HTTP "
-        "and no litellm, to see how much of the lag is the remote client's",
+        help="http (default): litellm to the stand-in server, on the backend's own loop thread; "
+        "http-caller-loop: the same with litellm on the caller's loop (as before that thread); inline: a tier "
+        "answering after 2 ms with no HTTP and no litellm, to see how much of the lag is the remote client's",
     )
     parser.add_argument(
         "--gc-freeze",

@@ -8,9 +8,10 @@ cache missed.
 
 A tool call served from the cache is executed again by the agent, so only calls to tools
 without side effects may be: ``tool_policy`` maps tool names to ``"read_only"`` or
-``"never"``; a tool it does not name counts as read-only only if its schema carries the MCP
-annotation ``readOnlyHint: true``. The policy is applied when an answer is stored and again
-when an entry would answer (a persisted cache may outlive a policy change).
+``"never"``, read as ``milliwatt.side_effects`` reads it for every cheap tier (a tool it does
+not name counts as read-only only if its schema carries MCP's ``readOnlyHint: true``). The
+policy is applied when an answer is stored and again when an entry would answer (a persisted
+cache may outlive a policy change).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
 
 from milliwatt.energy import CpuCoefficients, CpuTimer, cpu_energy
 from milliwatt.errors import ConfigError, InvalidRequestError
+from milliwatt.side_effects import ReadOnlyTools
 from milliwatt.tier import Tier
 from milliwatt.types import Message, Step, TierResult
 
@@ -45,7 +46,6 @@ DEFAULT_TTL_S = 24 * 3600.0  # answers about bookings, stock or status go stale
 DEFAULT_MAX_ENTRIES = 50_000  # ~75 MB of vectors
 SEARCH_K = 8  # candidates checked against the exact guards, best first
 PURGE_EVERY_S = 60.0
-TOOL_POLICIES = ("read_only", "never")
 
 
 class CacheTier(Tier):
@@ -74,7 +74,7 @@ class CacheTier(Tier):
             raise ConfigError("cache.ttl_s", f"must be > 0 seconds or null (no expiry), got {ttl_s}")
         if max_entries < 1:
             raise ConfigError("cache.max_entries", f"must be >= 1, got {max_entries}")
-        self.tool_policy = _check_tool_policy(tool_policy)
+        self.read_only = ReadOnlyTools(tool_policy, where="cache.tool_policy")
         self.path = path
         self.threshold = threshold
         self.ttl_s = ttl_s
@@ -154,29 +154,12 @@ class CacheTier(Tier):
         """Why a close-enough entry of the same partition must still not answer; None if it may."""
         if entry.expired(now):
             return "expired"
-        tool = self._unsafe_tool(entry.message, step)
+        tool = self.read_only.first_unsafe(entry.message, step)
         if tool is not None:
             return f"tool {tool} is not declared read-only"
         if entry.literals != key.literals:
             return f"literal mismatch: {_fmt(key.literals - entry.literals)} (step) vs {_fmt(entry.literals - key.literals)} (entry)"
         return None
-
-    def _unsafe_tool(self, message: Message, step: Step) -> str | None:
-        """The first tool called in ``message`` that may not be replayed, or None."""
-        for call in message.get("tool_calls") or []:
-            name = call["function"]["name"]
-            if not self._read_only(name, step):
-                return name
-        return None
-
-    def _read_only(self, name: str, step: Step) -> bool:
-        policy = self.tool_policy.get(name)
-        if policy is not None:
-            return policy == "read_only"
-        tool = step.tool(name)  # absent (a call to a tool the step does not offer): never
-        return tool is not None and (
-            _annotations(tool.get("function")).get("readOnlyHint") is True or _annotations(tool).get("readOnlyHint") is True
-        )
 
     def _pass(self, reason: str, cpu_s: float, signal: float | None = None) -> TierResult:
         return TierResult.passed(self.name, reason, energy=cpu_energy(cpu_s, self.coefficients), signal=signal)
@@ -194,7 +177,7 @@ class CacheTier(Tier):
         if ttl == 0:
             return
         answer = _clean_answer(message)
-        if answer is None or self._unsafe_tool(answer, step) is not None:
+        if answer is None or self.read_only.first_unsafe(answer, step) is not None:
             return
         key = step_key(step)
         vector, _ = await self.embedder.embed(key.text)
@@ -235,24 +218,6 @@ class CacheTier(Tier):
         await asyncio.to_thread(self.save)
         if self._owns_embedder:
             self.embedder.close()
-
-
-def _check_tool_policy(policy: Mapping[str, str] | None) -> dict[str, str]:
-    if policy is None:
-        return {}
-    if not isinstance(policy, Mapping):
-        raise ConfigError("cache.tool_policy", f"must map tool names to 'read_only' or 'never', got {policy!r}")
-    for name, value in policy.items():
-        if not isinstance(name, str) or not name:
-            raise ConfigError("cache.tool_policy", f"tool names must be non-empty strings, got {name!r}")
-        if value not in TOOL_POLICIES:
-            raise ConfigError("cache.tool_policy", f"{name}: must be 'read_only' or 'never', got {value!r}")
-    return dict(policy)
-
-
-def _annotations(obj: Any) -> Mapping[str, Any]:
-    ann = obj.get("annotations") if isinstance(obj, Mapping) else None
-    return ann if isinstance(ann, Mapping) else {}
 
 
 def _step_ttl(step: Step, default: float | None) -> float | None:

@@ -44,6 +44,9 @@ async def remote_settings(settings: Settings) -> AsyncIterator[dict[str, Any]]:
             "label": "stand-in",
             # Charge the energy of the model this server stands in for.
             "energy_model": frontier_model,
+            # A 135M model can ramble (or loop inside a tool-call grammar) past any timeout;
+            # a frontier model's agent answers are short.
+            "extra": {"max_tokens": 160},
         }
 
 
@@ -55,7 +58,7 @@ async def run_demo(
     out: TextIO,
 ) -> dict[str, Any]:
     """Run the scripted conversations; print each step and the totals; return the summary."""
-    from milliwatt.examples.support_agent import CONVERSATIONS, run_conversation
+    from milliwatt.examples.support_agent import CONVERSATIONS, TOOL_POLICY, run_conversation
 
     from milliwatt.reports.summary import format_summary, summarize
 
@@ -69,8 +72,10 @@ async def run_demo(
         async with remote_settings(settings) as remote:
             data = settings.model_dump()
             data["remote"] = {**data["remote"], **remote}
-            # The demo names its own rule pack; no default configuration loads demo data.
+            # The demo names its own rule pack and its agent's tool declarations; no default
+            # configuration loads demo data.
             data["rules"] = {**data["rules"], "packs": data["rules"]["packs"] or [str(SUPPORT_RULES)]}
+            data["tools"] = {**TOOL_POLICY, **data["tools"]}
             data["ledger"] = f"sqlite:///{ledger_path}"
             # A fresh cache per run unless one is named, so every run shows the same tiers.
             data["cache"] = {**data["cache"], "path": cache_path or tmp}

@@ -75,6 +75,15 @@ TOOLS: list[dict[str, Any]] = [
     },
 ]
 
+# What the agent's owner declares (configuration ``tools:``): which tools only read. The cache
+# may replay, and the local model propose, calls to these; cancel_order writes, so neither may.
+TOOL_POLICY: dict[str, dict[str, str]] = {
+    "get_order_status": {"cache": "read_only"},
+    "get_user_details": {"cache": "read_only"},
+    "search_help_center": {"cache": "read_only"},
+    "cancel_order": {"cache": "never"},
+}
+
 # A tiny back office, so the tools return real data.
 ORDERS = {
     "48213": {"status": "shipped", "carrier": "DHL", "eta": "2026-12-02", "items": ["kettle"]},
@@ -125,6 +134,7 @@ CONVERSATIONS: list[list[str]] = [
     ["Hi!", "Where is my order 48213?", "Thanks, that's all."],
     ["What is your return policy?"],
     ["What's your returns policy?"],
+    ["Check order 51877 for me."],
     ["Please cancel my order 51877, I ordered it by mistake."],
     ["What are your opening hours?"],
     ["I want to file a chargeback for my last order, and I will involve a lawyer."],

@@ -51,8 +51,10 @@ class ToolPolicy(_Section):
     """What milliwatt may do with one tool's calls.
 
     ``cache``: ``read_only`` declares the tool free of side effects, so a call to it may be
-    served from the cache; ``never`` (the default for a tool not named) means a cached call
-    would be executed again by the agent, so it is neither stored nor served.
+    served from the cache (and proposed by the local model); ``never`` (the default for a
+    tool not named, unless its schema says ``readOnlyHint: true``) means a cached call would
+    be executed again by the agent, so it is neither stored nor served, and a local model's
+    call to it escalates (see ``LocalSettings.tool_calls``).
     """
 
     cache: Literal["read_only", "never"] = "never"
@@ -108,6 +110,9 @@ class LocalSettings(_Section):
     futility: FutilitySettings | Literal[False] = Field(default_factory=FutilitySettings)
     # An unverified small-model answer must not be multiplied by the cache.
     write_back: bool = False
+    # ``read_only``: a local tool call to a tool not declared read-only (``tools:``) escalates,
+    # since the agent would execute it unverified. ``any``: where calls are judged, never run.
+    tool_calls: Literal["read_only", "any"] = "read_only"
 
     BACKEND_KEYS: ClassVar[tuple[str, ...]] = ("model_path", "n_ctx", "n_threads", "n_gpu_layers", "seed", "max_tokens", "chat_format", "prefix_cache_mb")
 
@@ -165,6 +170,7 @@ class Settings(_Section):
         return dict(self.plugins.get(tier, {}))
 
     def tool_cache_policy(self) -> dict[str, str]:
+        """The side-effect declaration of each named tool (``milliwatt.side_effects``)."""
         return {name: policy.cache for name, policy in self.tools.items()}
 
 

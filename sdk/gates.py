@@ -5,6 +5,8 @@ Three checks, cheapest first, each naming what failed:
 * structure: an empty answer, or one cut off at ``max_tokens``, never stands;
 * tool calls: the tool must be offered, ``tool_choice`` respected, and the arguments
   must parse and validate against the tool's JSON schema (``jsonschema``);
+* side effects (``SideEffectGate``, wrapping the others): a call to a tool not declared
+  read-only would be executed by the agent unverified, so it escalates;
 * confidence: a low quantile of the token probabilities, not their mean. Gupta et al.,
   "Language Model Cascades: Token-Level Uncertainty and Beyond", show that the mean hides
   the one or two tokens the model was unsure of (a wrong id in a tool call is one token),
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from .side_effects import ReadOnlyTools
 from .tier import Completion
 from .types import Message, Step, content_text
 
@@ -181,3 +184,26 @@ class ConfidenceGate:
         weakest = min(p for _, p in parts)
         reason = ", ".join(f"{name}={p:.2f} {'>=' if p >= self.threshold else '<'} {self.threshold:.2f}" for name, p in parts)
         return GateDecision(weakest >= self.threshold, weakest, reason)
+
+
+@dataclass(frozen=True)
+class SideEffectGate:
+    """Wraps a gate: an answer that calls a tool not declared read-only escalates, however
+    confident the model. The agent executes the calls it is given; a small model's call to a
+    tool that writes (cancel, book, update) would change the world unverified, so only the
+    tier that answers as well as the reference may make it (``local.tool_calls: any`` lifts
+    this where calls are judged, never executed, as in a BFCL replay)."""
+
+    inner: Gate
+    tools: ReadOnlyTools
+
+    def check(self, step: Step, completion: Completion) -> GateDecision:
+        decision = self.inner.check(step, completion)
+        unsafe = self.tools.first_unsafe(completion.message, step) if decision.accept else None
+        if unsafe is None:
+            return decision
+        return GateDecision(False, decision.signal, f"calls {unsafe}, which is not declared read-only")
+
+    def hopeless(self, logprobs: Sequence[float], max_tokens: int) -> bool:
+        hopeless = getattr(self.inner, "hopeless", None)
+        return bool(hopeless and hopeless(logprobs, max_tokens))

@@ -72,13 +72,17 @@ def _local(section: LocalSettings, settings: Settings) -> Tier:
     from milliwatt.adapters.llama_cpp import LlamaCppBackend
 
     from .futility import FutilityGuard
-    from .gates import ConfidenceGate
+    from .gates import ConfidenceGate, Gate, SideEffectGate
     from .model_tier import ModelTier
+    from .side_effects import ReadOnlyTools
 
+    gate: Gate = ConfidenceGate(section.quantile, section.threshold)
+    if section.tool_calls == "read_only":
+        gate = SideEffectGate(gate, ReadOnlyTools(settings.tool_cache_policy()))
     tier: Tier = ModelTier(
         "local",
         LlamaCppBackend(**section.backend_settings()),
-        gate=ConfidenceGate(section.quantile, section.threshold),
+        gate=gate,
         token_budget=section.token_budget,
         cpu=cpu_coefficients(settings),
         write_back=section.write_back,

@@ -350,7 +350,7 @@ def test_the_configured_cache_section_and_tool_policy_reach_the_tier() -> None:
     })  # fmt: skip
     tier = build_tier("cache", settings)
     assert (tier.threshold, tier.ttl_s, tier.max_entries, tier.token_budget) == (0.95, None, 10, None)
-    assert tier.tool_policy == {"get_reservation": "read_only"}
+    assert tier.read_only.policy == {"get_reservation": "read_only"}
     with pytest.raises(ConfigError, match=r"cache\.tool_policy: cancel_reservation: must be 'read_only' or 'never'"):
         CacheTier(tool_policy={"cancel_reservation": "sometimes"})
 

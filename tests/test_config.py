@@ -112,6 +112,6 @@ def test_tool_policy_reaches_the_cache_and_local_answers_are_not_written_back_by
     s = load_settings({"tools": {"cancel_reservation": {"cache": "never"}, "get_user_details": {"cache": "read_only"}},
                        "cache": {"path": None}})
     assert s.tool_cache_policy() == {"cancel_reservation": "never", "get_user_details": "read_only"}
-    assert build_tier("cache", s).tool_policy == {"cancel_reservation": "never", "get_user_details": "read_only"}
+    assert build_tier("cache", s).read_only.policy == {"cancel_reservation": "never", "get_user_details": "read_only"}
     assert s.local.write_back is False
     assert load_settings({"local": {"write_back": True}}).local.write_back is True

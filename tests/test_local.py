@@ -12,8 +12,9 @@ from conftest_models import local_backend  # noqa: F401 - session fixture
 
 from milliwatt.adapters import LlamaCppBackend
 from milliwatt.adapters.tool_grammar import allowed_continuations, answer_schema, chat_messages, choice_spans, decision_mask
-from milliwatt.gates import ConfidenceGate, probability_quantile
+from milliwatt.gates import ConfidenceGate, SideEffectGate, probability_quantile
 from milliwatt.model_tier import ModelTier
+from milliwatt.side_effects import ReadOnlyTools
 from milliwatt.tier import Completion
 from milliwatt.types import Step
 
@@ -43,6 +44,7 @@ def completion(message: dict, logprobs: tuple[float, ...] = (-0.01,) * 5, finish
 # ------------------------------------------------------------------ the real model
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="session")
 async def test_free_text_answer_has_logprobs_and_cpu_energy(local_backend: LlamaCppBackend) -> None:  # noqa: F811
     step = Step.create([{"role": "user", "content": "Say hello in one short sentence."}])
@@ -58,6 +60,7 @@ async def test_free_text_answer_has_logprobs_and_cpu_energy(local_backend: Llama
     assert len(c.token_logprobs) == c.extra["generated_tokens"]
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="session")
 async def test_grammar_constrained_tool_call(local_backend: LlamaCppBackend) -> None:  # noqa: F811
     step = Step.create(
@@ -76,6 +79,7 @@ async def test_grammar_constrained_tool_call(local_backend: LlamaCppBackend) -> 
     assert "invalid" not in decision.reason
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="session")
 async def test_forced_tool_choice_has_no_reply_branch(local_backend: LlamaCppBackend) -> None:  # noqa: F811
     step = Step.create(
@@ -90,6 +94,7 @@ async def test_forced_tool_choice_has_no_reply_branch(local_backend: LlamaCppBac
     assert c.extra["decision_tokens"] < c.extra["generated_tokens"]
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="session")
 async def test_concurrent_calls_are_serialised(local_backend: LlamaCppBackend) -> None:  # noqa: F811
     steps = [Step.create([{"role": "user", "content": f"Count to {n}."}], options={"max_tokens": 8}) for n in (2, 3, 4)]
@@ -97,21 +102,26 @@ async def test_concurrent_calls_are_serialised(local_backend: LlamaCppBackend) -
     assert all(r.output_tokens > 0 and r.cpu_seconds > 0 for r in results)
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="session")
-async def test_shared_prefix_is_reused(local_backend: LlamaCppBackend) -> None:  # noqa: F811
+async def test_shared_prefix_is_reused(local_backend: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    # Counted in tokens evaluated, not seconds: the second step re-reads only what follows the
+    # shared prefix. (What reuse saves in time is a benchmark figure, docs/benchmarks.md.)
     policy = " ".join(f"Rule {i}: verify the user's identity before touching reservation {i}." for i in range(70))
     first = [{"role": "system", "content": f"You are a support agent. {policy}"}, {"role": "user", "content": "Hi."}]
     second = first + [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Change my flight."}]
-    timings = []
-    for msgs in (first, second):
-        t0 = time.perf_counter()
-        c = await local_backend.complete(Step.create(msgs, options={"max_tokens": 4}))
-        timings.append((time.perf_counter() - t0, c.input_tokens))
-    print(f"prefix {timings[0][1]} tokens: first {timings[0][0]:.2f}s, second {timings[1][0]:.2f}s")
-    assert timings[0][1] > 900
-    assert timings[1][0] < timings[0][0] / 2
+    c1 = await local_backend.complete(Step.create(first, options={"max_tokens": 4}))
+    llama = local_backend._llama
+    evaluated: list[int] = []
+    real_eval = llama.eval
+    monkeypatch.setattr(llama, "eval", lambda tokens: (evaluated.append(len(tokens)), real_eval(tokens))[1])
+    c2 = await local_backend.complete(Step.create(second, options={"max_tokens": 4}))
+    assert c1.input_tokens > 900
+    prompt_evaluated = evaluated[0]  # the first eval is the prompt; each later one a generated token
+    assert prompt_evaluated < c2.input_tokens - c1.input_tokens + 64
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="session")
 async def test_context_too_long_passes() -> None:
     backend = LlamaCppBackend(n_ctx=256, n_threads=1)
@@ -129,6 +139,35 @@ STEP = Step.create([{"role": "user", "content": "Look up mia"}], tools=[GET_USER
 def test_gate_accepts_valid_confident_call() -> None:
     d = ConfidenceGate().check(STEP, completion({"role": "assistant", "content": None, "tool_calls": [call("get_user_details", {"user_id": "mia"})]}))
     assert d.accept and d.reason.startswith("confidence q10=0.99 >=")
+
+
+def test_a_confident_call_to_a_tool_that_may_write_escalates() -> None:
+    # The agent would execute it unverified: only a tool declared read-only (or annotated
+    # readOnlyHint) may be called by the local model; the confidence does not matter.
+    answer = completion({"role": "assistant", "content": None, "tool_calls": [call("get_user_details", {"user_id": "mia"})]})
+    d = SideEffectGate(ConfidenceGate(), ReadOnlyTools()).check(STEP, answer)
+    assert not d.accept and d.reason == "calls get_user_details, which is not declared read-only" and d.signal > 0.9
+    assert SideEffectGate(ConfidenceGate(), ReadOnlyTools({"get_user_details": "read_only"})).check(STEP, answer).accept
+    assert not SideEffectGate(ConfidenceGate(), ReadOnlyTools({"get_user_details": "never"})).check(STEP, answer).accept
+    annotated = {**GET_USER, "function": {**GET_USER["function"], "annotations": {"readOnlyHint": True}}}
+    step = Step.create(STEP.messages, tools=[annotated])
+    assert SideEffectGate(ConfidenceGate(), ReadOnlyTools()).check(step, answer).accept
+    # A text answer has no side effect; a rejection by the inner gate keeps its own reason.
+    assert SideEffectGate(ConfidenceGate(), ReadOnlyTools()).check(STEP, completion({"role": "assistant", "content": "Hi."})).accept
+    unsure = completion(answer.message, logprobs=(-3.0,) * 5)
+    assert SideEffectGate(ConfidenceGate(), ReadOnlyTools()).check(STEP, unsure).reason.startswith("confidence q10=")
+
+
+def test_the_configured_local_tier_escalates_calls_to_tools_that_may_write_unless_told_otherwise() -> None:
+    from milliwatt.config import load_settings
+    from milliwatt.registry import build_tier
+
+    guarded = build_tier("local", load_settings({"local": {"futility": False}}))
+    assert isinstance(guarded.gate, SideEffectGate) and guarded.gate.tools.policy == {}
+    declared = build_tier("local", load_settings({"local": {"futility": False}, "tools": {"get_user_details": {"cache": "read_only"}}}))
+    assert declared.gate.tools.allows("get_user_details", STEP)
+    judged_only = build_tier("local", load_settings({"local": {"futility": False, "tool_calls": "any"}}))
+    assert isinstance(judged_only.gate, ConfidenceGate)
 
 
 @pytest.mark.parametrize(
@@ -234,6 +273,7 @@ def test_choice_spans_cover_branch_key_tool_name_and_enum_values() -> None:
     assert allowed_continuations("ca", ["cancel", "lookup"]) == ['ncel"']
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="session")
 async def test_tool_choice_is_judged_among_the_allowed_tools(local_backend: LlamaCppBackend) -> None:  # noqa: F811
     step = Step.create(
@@ -257,6 +297,7 @@ def test_hopeless_once_more_low_tokens_than_the_quantile_allows() -> None:
     assert gate.hopeless([low] * 13, max_tokens=128)
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="session")
 async def test_an_answer_that_cannot_pass_stops_early(local_backend: LlamaCppBackend) -> None:  # noqa: F811
     gate = ConfidenceGate(quantile=0.1, threshold=0.9)  # strict: ordinary prose fails it fast
@@ -270,6 +311,7 @@ async def test_an_answer_that_cannot_pass_stops_early(local_backend: LlamaCppBac
     assert again.message["content"]
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="session")
 async def test_untyped_arguments_get_a_grammar_and_unbuildable_ones_pass(local_backend: LlamaCppBackend) -> None:  # noqa: F811
     untyped = {"type": "function", "function": {"name": "fit", "parameters": {

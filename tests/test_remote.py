@@ -31,16 +31,27 @@ def _remote_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("milliwatt-remote")]
 
 
-@pytest.fixture(autouse=True)
-def no_loop_thread_outlives_its_backend() -> Iterator[None]:
-    """Every test here leaves no backend loop thread behind: closed ones by ``aclose``, the
-    others (most tests drop their backend unclosed) once the backend is collected."""
-    yield
-    gc.collect()
+def _no_loop_thread_left() -> None:
     deadline = time.monotonic() + 10
     while _remote_threads() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _remote_threads()
+        gc.collect()  # a dropped backend is often in a cycle (an error's traceback holds its frames)
+        time.sleep(0.05)
+    assert not _remote_threads(), "a backend's loop thread outlived its test"
+
+
+@pytest.fixture(autouse=True)
+def no_loop_thread_outlives_its_test() -> None:
+    """No backend loop thread from an earlier test is still running when a test starts (checked
+    here, after every fixture of the earlier test, monkeypatch's undo included, has run): closed
+    backends end theirs in ``aclose``, the others (most tests here drop theirs unclosed) once
+    the backend is collected."""
+    _no_loop_thread_left()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_loop_thread_outlives_the_module() -> Iterator[None]:
+    yield
+    _no_loop_thread_left()
 
 
 def backend(api_base: str, **kw: object) -> LiteLLMBackend:
