@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import inspect
-import logging
 import os
 import sys
 import threading
@@ -52,21 +51,15 @@ from milliwatt.errors import (
     RemoteTimeout,
     RemoteUnavailable,
 )
-from milliwatt.redaction import install_log_filter, redact, register_secret
+from milliwatt.redaction import get_logger, redact, register_secret
 from milliwatt.tier import AbortCheck, Completion, ModelBackend
 from milliwatt.tokens import count_completion, count_request
 from milliwatt.types import Step
 
-log = logging.getLogger("milliwatt.remote")
-install_log_filter(log.name)  # a filter on "milliwatt" does not see this child's records
+log = get_logger("milliwatt.remote")
 
 _RETRYABLE = (RemoteTimeout, RemoteRateLimited, RemoteUnavailable)
 _T = TypeVar("_T")
-
-
-def _litellm() -> Any:
-    """litellm, imported offline; blocking the first time (seconds)."""
-    return import_litellm()
 
 
 class _LoopThread:
@@ -208,7 +201,7 @@ class LiteLLMBackend(ModelBackend):
             return
         if self.api_key or self.api_base:
             return
-        litellm = _litellm()
+        litellm = import_litellm()
         provider = self.model.split("/", 1)[0] if "/" in self.model else None
         custom = {e.get("provider") for e in getattr(litellm, "custom_provider_map", None) or []}
         if provider is not None and provider in custom:
@@ -273,7 +266,7 @@ class LiteLLMBackend(ModelBackend):
     async def _complete(self, step: Step) -> Completion:
         """On the backend's loop: the request, the attempts, the ``Completion``."""
         # The first import takes seconds: do it in a worker thread, not on an event loop.
-        litellm = await asyncio.to_thread(_litellm)
+        litellm = await asyncio.to_thread(import_litellm)
         req = self._request(step)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1),
@@ -334,7 +327,7 @@ class LiteLLMBackend(ModelBackend):
 
     def _typed(self, e: Exception) -> RemoteError:
         """The milliwatt error for a litellm (OpenAI-style) exception."""
-        litellm = _litellm()
+        litellm = import_litellm()
 
         kw = {"backend": "litellm", "model": self.model}
         text = redact(f"{self.model}: {getattr(e, 'message', None) or e}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from milliwatt.errors import ConfigError
+from milliwatt.redaction import get_logger
 
 from .scope import SCOPE_VERSION
 from .store import Entry, Store
@@ -40,7 +40,7 @@ FORMAT = "milliwatt-cache"
 FORMAT_VERSION = 2  # 2: entries carry "history" and no "grounded"; the doc carries "key"
 _STALE_VERSIONS = {1}  # readable enough to know its entries can never match: dropped
 
-log = logging.getLogger("milliwatt")
+log = get_logger()
 
 
 class CacheFileError(ConfigError):

@@ -25,11 +25,9 @@ from typing import Any
 from .energy import RemoteEnergyModel
 from .ids import new_step_id
 from .pricing import cost_usd
-from .tokens import message_tokens, tools_tokens
+from .tokens import PER_MESSAGE, PER_REPLY, message_tokens, tools_tokens
 from .types import Attempt, Energy, Message, Step, StepRecord, TierResult, content_text
 
-_PER_REPLY = 3  # as milliwatt.tokens.count_request
-_PER_MESSAGE = 3  # as milliwatt.tokens.count_completion
 
 # Step-level ``tier`` of a step no tier answered.
 FAILED = "error"
@@ -105,7 +103,7 @@ class Accountant:
 
     def tokens_raw(self, step: Step) -> int:
         """Input tokens of the step as the agent sent it (messages, framing, tool schemas)."""
-        total = _PER_REPLY
+        total = PER_REPLY
         for m in step.messages:
             total += self._message_tokens(m)
         if step.tools:
@@ -127,12 +125,12 @@ class Accountant:
 
     def completion_tokens(self, message: Message) -> int:
         """Output tokens of an assistant message, as ``milliwatt.tokens.count_completion``."""
-        return self._message_tokens(message) - _PER_MESSAGE if message else 0
+        return self._message_tokens(message) - PER_MESSAGE if message else 0
 
     def cached_tokens_raw(self, step: Step) -> int | None:
         """``tokens_raw`` when every part of the step was counted before (no tokenising: cheap
         enough for the event loop), else None."""
-        total = _PER_REPLY
+        total = PER_REPLY
         for m in step.messages:
             n = self._messages.get(_message_key(m))
             if n is None:
@@ -154,7 +152,7 @@ class Accountant:
         if not message:
             return 0 in self._estimated_lengths
         n = self._messages.get(_message_key(message))
-        return n is not None and n - _PER_MESSAGE in self._estimated_lengths
+        return n is not None and n - PER_MESSAGE in self._estimated_lengths
 
     def record(
         self,

@@ -23,19 +23,19 @@ import logging
 import pickle
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .accounting import CANCELLED, FAILED, Accountant
 from .energy import RemoteEnergyModel, cpu_energy
 from .errors import BackendError, MilliwattError, NoTierAnswered
-from .redaction import redact
+from .redaction import get_logger, redact
 from .tier import Spend, Tier, spending
 from .trimming import Trimmed, Trimmer
 from .types import Attempt, Energy, Step, StepRecord, StepResult, TierResult
 
-log = logging.getLogger("milliwatt")
+log = get_logger()
 
 
 class RecordSink(Protocol):
@@ -77,7 +77,6 @@ class Cascade:
         self.frontier_model = frontier_model
         self.trimmer = trimmer or Trimmer()
         self.accountant = accountant or Accountant(frontier_model, encoding=self.trimmer.encoding, energy_model=energy_model)
-        self.energy_model = self.accountant.energy_model
         self.sink = sink
         # Record writes in flight, kept so a cancelled caller cannot cut one off and
         # ``aclose`` can wait for them.
@@ -185,11 +184,7 @@ class Cascade:
         p.handed_on = True
         if self.sink is None:
             return
-        write = asyncio.ensure_future(self.sink.write(record))
-        self._writes.add(write)
-        write.add_done_callback(self._writes.discard)
-        write.add_done_callback(_finished_write)
-        await asyncio.shield(write)
+        await asyncio.shield(self._spawn_write(self.sink.write(record)))
 
     async def _hand_on_quietly(self, p: _Progress, record: StepRecord) -> None:
         """``_hand_on`` on a failure path: a failing sink must not hide the step's own error."""
@@ -221,14 +216,20 @@ class Cascade:
             record = await self._account(p, outcome=CANCELLED, attempts=attempts)
             await sink.write(record)
 
-        write = asyncio.ensure_future(account_and_write())
-        self._writes.add(write)
-        write.add_done_callback(self._writes.discard)
-        write.add_done_callback(_finished_write)
+        write = self._spawn_write(account_and_write())
         # Cancelled again while recording: the write goes on in the background. A failed write
         # is logged by _finished_write; either way the caller gets its CancelledError.
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.shield(write)
+
+    def _spawn_write(self, write: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        """Run a record write as its own task, kept until done (``aclose`` waits for it) and
+        its failure logged (``_finished_write``)."""
+        task = asyncio.ensure_future(write)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        task.add_done_callback(_finished_write)
+        return task
 
     async def aclose(self) -> None:
         """Wait for record writes in flight, then close every tier, even when one fails to

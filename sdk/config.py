@@ -117,7 +117,7 @@ class LocalSettings(_Section):
     BACKEND_KEYS: ClassVar[tuple[str, ...]] = ("model_path", "n_ctx", "n_threads", "n_gpu_layers", "seed", "max_tokens", "chat_format", "prefix_cache_mb")
 
     def backend_settings(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.BACKEND_KEYS}
+        return self.model_dump(include=set(self.BACKEND_KEYS))
 
 
 class RemoteSettings(_Section):
@@ -141,7 +141,7 @@ class RemoteSettings(_Section):
                     "backoff_cap_s", "label", "energy_model", "extra")  # fmt: skip
 
     def backend_settings(self, default_model: str) -> dict[str, Any]:
-        return {"model": self.model or default_model, **{k: getattr(self, k) for k in self.BACKEND_KEYS}}
+        return {"model": self.model or default_model, **self.model_dump(include=set(self.BACKEND_KEYS))}
 
 
 TierSettings = Annotated[RulesSettings | CacheSettings | LocalSettings | RemoteSettings, Field(discriminator="tier")]

@@ -14,8 +14,8 @@ with ``?key=...`` in a 4xx text), and those texts would otherwise reach the ledg
 
 ``RedactingFilter`` applies it to log records (message, arguments and the formatted
 traceback). A filter set on a logger sees only the records created on that very logger,
-not those of its children, so ``install_log_filter`` is called for each milliwatt logger
-that may carry provider text ("milliwatt" here, "milliwatt.remote" in the remote backend).
+not those of its children, so every milliwatt module takes its logger from ``get_logger``,
+which installs the filter on it.
 """
 
 from __future__ import annotations
@@ -110,12 +110,9 @@ class RedactingFilter(logging.Filter):
 _FILTER = RedactingFilter()
 
 
-def install_log_filter(*names: str) -> None:
-    """Put the redacting filter on the named loggers (default: "milliwatt"); idempotent."""
-    for name in names or ("milliwatt",):
-        logger = logging.getLogger(name)
-        if _FILTER not in logger.filters:
-            logger.addFilter(_FILTER)
-
-
-install_log_filter("milliwatt")
+def get_logger(name: str = "milliwatt") -> logging.Logger:
+    """The named milliwatt logger, with the redacting filter on it (idempotent)."""
+    logger = logging.getLogger(name)
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
+    return logger

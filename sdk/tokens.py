@@ -24,8 +24,8 @@ from typing import Any
 from ._offline import litellm_tokenizers_dir
 from .types import Message, content_text
 
-_PER_MESSAGE = 3  # <|start|>role ... <|end|> framing, as in OpenAI's cookbook
-_PER_REPLY = 3
+PER_MESSAGE = 3  # <|start|>role ... <|end|> framing, as in OpenAI's cookbook
+PER_REPLY = 3
 
 _URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 _ENDOFTEXT = "<|endoftext|>"
@@ -108,7 +108,7 @@ def count_text(text: str, enc: str = "o200k_base") -> int:
 
 
 def message_tokens(m: Message, enc: str = "o200k_base") -> int:
-    n = _PER_MESSAGE + count_text(content_text(m.get("content")), enc)
+    n = PER_MESSAGE + count_text(content_text(m.get("content")), enc)
     for call in m.get("tool_calls") or []:
         fn = call.get("function", {})
         n += count_text(fn.get("name", ""), enc) + count_text(fn.get("arguments", ""), enc) + 3
@@ -124,9 +124,9 @@ def tools_tokens(tools: Iterable[dict[str, Any]], enc: str = "o200k_base") -> in
 
 def count_request(messages: Iterable[Message], tools: Iterable[dict[str, Any]] = (), enc: str = "o200k_base") -> int:
     """Input tokens of a chat request: the messages, their framing and the tool schemas."""
-    return sum(message_tokens(m, enc) for m in messages) + tools_tokens(tools, enc) + _PER_REPLY
+    return sum(message_tokens(m, enc) for m in messages) + tools_tokens(tools, enc) + PER_REPLY
 
 
 def count_completion(message: Message, enc: str = "o200k_base") -> int:
     """Output tokens of an assistant message (content and tool calls)."""
-    return message_tokens(message, enc) - _PER_MESSAGE
+    return message_tokens(message, enc) - PER_MESSAGE

@@ -14,6 +14,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from milliwatt.redaction import redact
+
 from .errors import LedgerError
 from .migrate import upgrade_to_head
 
@@ -146,7 +148,7 @@ def error_text(e: BaseException) -> str:
     for a database error, without SQLAlchemy's rendering of the statement and its parameters
     (which hold the record's content)."""
     orig = e.orig if isinstance(e, DBAPIError) and e.orig is not None else e
-    text = f"{type(orig).__name__}: {orig}".strip()
+    text = redact(f"{type(orig).__name__}: {orig}".strip())  # a driver may echo a connection string
     return text if len(text) <= 500 else text[:497] + "..."
 
 

@@ -9,17 +9,17 @@ the spool, so the report still sees it after the next open).
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import Any
 
 from milliwatt.ids import new_step_id
+from milliwatt.redaction import get_logger
 
 from .rows import iso_utc
 from .schema import FAULT_KINDS
 
-log = logging.getLogger("milliwatt.ledger")
+log = get_logger("milliwatt.ledger")
 
 
 def fault_row(kind: str, count: int, detail: str, at: float | None = None) -> dict[str, Any]:

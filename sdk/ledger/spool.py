@@ -36,16 +36,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .engine import WRITER_BUSY_TIMEOUT_MS, error_text, is_transient, retrying
 from .faults import fault_row
+from .rows import to_json
 from .schema import ATTEMPTS, FAULTS, STEPS
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: one process per spool
     fcntl = None  # type: ignore[assignment]
-
-
-def _line(entry: dict[str, Any]) -> str:
-    return json.dumps(entry, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:
@@ -127,7 +124,7 @@ class Spool:
 
     def append(self, entries: list[dict[str, Any]]) -> None:
         """Write ``entries`` as lines, durably, before returning. Raises OSError if it cannot."""
-        lines = [_line({"ledger": self.owner, **e} if self.owner else e) for e in entries]
+        lines = [to_json({"ledger": self.owner, **e} if self.owner else e) for e in entries]
         if not lines:
             return
         with self._lock:
