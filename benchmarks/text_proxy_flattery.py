@@ -8,7 +8,7 @@ answer (the issue's 84%), and against earlier answers of another task only (tau:
 number of ``tau/trial<T>/task<N>``, so the same task in another trial does not count; other
 formats: another session). Prints the share of steps with such an earlier answer, under token
 F1 alone (the rule before the value check) and under the judge as it is now
-(``milliwatt.evaluation.quality.text_match``).
+(``milliwatt.quality.text_match``).
 
     .venv/bin/python benchmarks/text_proxy_flattery.py ../shared/data/tau_airline/trajectories.json
 """
@@ -21,7 +21,7 @@ import sys
 from collections import Counter
 
 from milliwatt.evaluation.importers import load_trace
-from milliwatt.evaluation.quality import TEXT_F1_THRESHOLD, _tokens, salient_values, text_match
+from milliwatt.quality import TEXT_F1_THRESHOLD, _tokens, salient_values, text_match
 from milliwatt.types import content_text
 
 

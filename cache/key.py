@@ -31,6 +31,7 @@ from typing import Any
 from milliwatt.types import Message, Step, content_text
 
 from .scope import partition_key, scope_key, sha256_hex
+from .template import shape, value_tokens
 
 _TOKEN = re.compile(r"[\w.,:/@#$€£%+\-]+")
 _STRIP = ".,:;/@#"
@@ -83,6 +84,52 @@ def step_key(step: Step) -> StepKey:
         text=text,
         literals=literal_tokens(text),
     )
+
+
+@dataclass(frozen=True)
+class Situation:
+    """Where a templated answer may be re-bound: the same scope and the same shape of recent
+    turns (exact), and a close enough request (``text``, embedded and compared by cosine)."""
+
+    scope: str
+    shape: str  # exact hash of the shape of the recent turns
+    text: str  # the previous assistant text and the last user message, values masked
+
+    @property
+    def partition(self) -> str:
+        return partition_key(self.scope, "situation", self.shape)
+
+
+def situation(step: Step) -> Situation:
+    """The situation of a cacheable step. Its shape is the agent's previous move (text, or
+    the tools it called) before the last user message, and what followed that message: the
+    tools called since, and whether each result was an error. Values (ids, amounts, dates)
+    are masked by their kind in the text (``mask``): re-binding supplies them."""
+    msgs = [m for m in step.messages if m["role"] not in ("system", "developer")]
+    last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+    before = next((m for m in reversed(msgs[:last_user]) if m["role"] == "assistant"), None)
+    if before is None:
+        previous, said = "start", ""
+    else:
+        calls = [c["function"]["name"] for c in before.get("tool_calls") or []]
+        previous = ["call", *calls] if calls else "text"
+        said = content_text(before.get("content"))
+    since: list[str] = []
+    for m in msgs[last_user + 1 :]:
+        if m["role"] == "assistant":
+            since += [c["function"]["name"] for c in m.get("tool_calls") or []]
+        elif m["role"] == "tool":
+            since.append("error" if content_text(m.get("content")).lstrip().lower().startswith("error") else "result")
+    text = f"{mask(said)}\n{mask(content_text(msgs[last_user].get('content')))}".strip()
+    return Situation(scope_key(step), sha256_hex({"previous": previous, "since": since}), text)
+
+
+def mask(text: str) -> str:
+    """``text`` with each value token replaced by its kind: ``reservation ZFA04Y`` reads
+    ``reservation <9A>``, so two requests that differ only in their values embed alike."""
+    for tok in sorted(set(value_tokens(text)), key=len, reverse=True):
+        text = text.replace(tok, f"<{shape(tok)}>")
+    return text
 
 
 def canonical_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from milliwatt.types import Step, content_text
 # before the last user message in the partition, only the last user message embedded.
 SCOPE_VERSION = "mw-cache-scope/2"
 _SCOPE_OPTIONS = ("max_tokens", "stop", "parallel_tool_calls")
+MAX_QUERY_CHARS = 16_000  # a longer last user message is not cached (uncacheable_reason)
 
 
 def canonical_json(obj: Any) -> str:
@@ -70,6 +71,12 @@ def uncacheable_reason(step: Step) -> str | None:
         return f"last message is {last}, not user or tool"
     if not any(m["role"] == "user" for m in step.messages):
         return "no user message"
+    last_user = next(m for m in reversed(step.messages) if m["role"] == "user")
+    size = len(content_text(last_user.get("content")))
+    if size > MAX_QUERY_CHARS:
+        # MiniLM reads the first 256 word pieces; past a few pages the cosine says nothing of
+        # the rest, and storing, hashing and comparing such texts costs more than it saves.
+        return f"the last user message has {size:,} characters, the cache compares at most {MAX_QUERY_CHARS:,}"
     opts = step.options
     if (opts.get("n") or 1) > 1:
         return f"n={opts['n']} asks for several answers"

@@ -24,6 +24,11 @@ from milliwatt.types import StepResult
 from . import SUPPORT_RULES
 
 STAND_IN_MODEL = "smollm2-stand-in"
+# The support agent's traffic asks paraphrases of one question ("What is your return policy?",
+# "What's your returns policy?"), which the shipped gate serves only at a looser bound than
+# the product's default 2% (on Quora pairs nothing certifies at 2%, docs/cache.md). The demo
+# runs its cache at 10% unless the configuration sets cache.max_wrong.
+DEMO_MAX_WRONG = 0.10
 
 
 @contextlib.asynccontextmanager
@@ -79,6 +84,8 @@ async def run_demo(
             data["ledger"] = f"sqlite:///{ledger_path}"
             # A fresh cache per run unless one is named, so every run shows the same tiers.
             data["cache"] = {**data["cache"], "path": cache_path or tmp}
+            if "max_wrong" not in settings.cache.model_fields_set:
+                data["cache"]["max_wrong"] = DEMO_MAX_WRONG
             async with Milliwatt.from_config(data) as mw:
                 out.write(_header())
                 for i, turns in enumerate(CONVERSATIONS, 1):

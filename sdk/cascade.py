@@ -11,6 +11,11 @@ the step goes on to the next tier. Only the last resort's failure reaches the ca
 ``MilliwattError``. A step the caller cancels is recorded with outcome ``cancelled`` and
 the energy spent until then, and the ``CancelledError`` goes on. Every step, answered,
 failed or cancelled, is handed to the sink exactly once.
+
+Shadow checks: a tier that answered may ask (``TierResult.shadow``) that its answer be
+checked. The caller gets the answer at once; the later tiers answer the step in the
+background, the first answer goes to the checked tier's ``remember``, and the step is
+recorded with those ``shadow`` attempts and their energy and cost.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import pickle
 import time
 import traceback
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .accounting import CANCELLED, FAILED, Accountant
@@ -33,7 +38,7 @@ from .errors import BackendError, MilliwattError, NoTierAnswered
 from .redaction import get_logger, redact
 from .tier import Spend, Tier, spending
 from .trimming import Trimmed, Trimmer
-from .types import Attempt, Energy, Step, StepRecord, StepResult, TierResult
+from .types import Attempt, Energy, Message, Step, StepRecord, StepResult, TierResult
 
 log = get_logger()
 
@@ -152,9 +157,47 @@ class Cascade:
                     log.warning("write-back to %s failed: %s", earlier.name, redact(f"{type(e).__name__}: {e}"))
                     _log_traceback(e)
         record = await self._account(p, answer=answer, message=message, tokens_sent=sent)
-        await self._hand_on(p, record)
+        if answer.shadow and answered_at < last:
+            # The caller gets its answer now; the record goes to the sink once the check is in,
+            # with the check's attempt and its cost (the caller's record is without them).
+            p.handed_on = True
+            self._spawn_write(self._shadow_check(p, asked, answered_at, answer, message, sent))
+        else:
+            await self._hand_on(p, record)
         # The caller's copy: what it does to it cannot change the record the writer serialises.
         return StepResult(snapshot(message), record)
+
+    async def _shadow_check(
+        self, p: _Progress, asked: dict[str, Step], answered_at: int, answer: TierResult, message: Message, sent: int
+    ) -> None:
+        """Ask the tiers after the one that answered, as if it had passed, off the critical
+        path. The first answer goes to the answering tier's ``remember`` (the cache judges its
+        own answer against it and learns), and every try is a ``shadow`` attempt of the step,
+        charged like any other; then the step is recorded."""
+        checked = self.tiers[answered_at]
+        for later in self.tiers[answered_at + 1 :]:
+            a0 = time.perf_counter()
+            try:
+                trimmed = await self._trim(p.step, later.token_budget, p.tokens_raw)
+                result = await later.attempt(trimmed.step)
+            except Exception as e:  # noqa: BLE001 - a failed check costs feedback, never the answer
+                reason = redact(f"{type(e).__name__}: {e}")
+                p.attempts.append(replace(_failed(later.name, reason, e, time.perf_counter() - a0), outcome="shadow", reason=f"shadow check of {checked.name} failed: {reason}"))
+                continue
+            attempt = _attempted(result, trimmed.tokens_after, time.perf_counter() - a0)
+            if not result.answered:
+                p.attempts.append(replace(attempt, outcome="shadow", reason=f"shadow check of {checked.name}: passed: {result.reason}"))
+                continue
+            reference = snapshot(result.message or {})
+            p.attempts.append(replace(attempt, outcome="shadow", reason=f"shadow check of {checked.name}: {result.reason}", evidence={"checks": checked.name, "answer": reference}))
+            try:
+                await checked.remember(asked[checked.name], reference, result.tier, model=result.model)
+            except Exception as e:  # noqa: BLE001
+                log.warning("shadow feedback to %s failed: %s", checked.name, redact(f"{type(e).__name__}: {e}"))
+            break
+        record = await self._account(p, answer=answer, message=message, tokens_sent=sent)
+        if self.sink is not None:
+            await self.sink.write(record)
 
     async def _trim(self, step: Step, budget: int | None, tokens_raw: int) -> Trimmed:
         if budget is None or tokens_raw <= budget:
@@ -284,6 +327,7 @@ def _attempted(r: TierResult, tokens_sent: int, latency: float) -> Attempt:
         energy=r.energy,
         cost_usd=r.cost_usd,
         label=r.label,
+        evidence=r.evidence,
     )
 
 

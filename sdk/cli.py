@@ -1,4 +1,4 @@
-"""The ``milliwatt`` command: ``demo`` (the main job), ``report``, ``replay`` and ``rules``."""
+"""The ``milliwatt`` command: ``demo`` (the main job), ``report``, ``replay``, ``rules`` and ``cache``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import sys
 
 from .errors import MilliwattError
+from .evaluation.cache_bench import add_arguments as cache_bench_arguments
 from .evaluation.replay import add_arguments as replay_arguments
 from .evaluation.replay import run as run_replay
 
@@ -33,6 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     check = rules_sub.add_parser("check", help="validate rule files; print every error with file and line")
     check.add_argument("paths", nargs="*", help="rule files or folders (default: the packs of --config)")
     check.add_argument("--config", help="a YAML or TOML configuration file whose rules.packs to check")
+    cache = sub.add_parser("cache", help="work with the semantic cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    cache_bench_arguments(cache_sub.add_parser("bench", help="wrong hits and recall of the cache's gate on question pairs, vs cosine and GPTCache"))
+    calibrate = cache_sub.add_parser("calibrate", help="fit the cache's hit gate from the candidates a ledger recorded")
+    calibrate.add_argument("ledger", help="a ledger whose cache attempts recorded candidates (e.g. a replay with cache.observe: true)")
+    calibrate.add_argument("--target", type=float, default=0.02, help="δ: the share of served hits allowed to be wrong (default 0.02)")
+    calibrate.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default 0.95)")
+    calibrate.add_argument("--reference-tier", default="remote", help="the tier whose answers are the reference (default remote)")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the split by session")
+    calibrate.add_argument("--out", default="cache-gate.json", help="gate file to write (default cache-gate.json)")
     return p
 
 
@@ -58,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"HTML report: {page}", file=sys.stderr)
         elif args.command == "replay":
             return run_replay(args)
+        elif args.command == "cache" and args.cache_command == "bench":
+            from .evaluation.cache_bench import run as run_cache_bench
+
+            return run_cache_bench(args)
+        elif args.command == "cache" and args.cache_command == "calibrate":
+            from milliwatt.cache.calibrate import run as run_calibrate
+
+            return run_calibrate(args)
         elif args.command == "rules":
             from milliwatt.rules import check
 

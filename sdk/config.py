@@ -78,10 +78,30 @@ class RulesSettings(_Section):
 class CacheSettings(_Section):
     tier: Literal["cache"] = "cache"
     path: str | None = DEFAULT_CACHE_PATH  # null: in memory only
-    threshold: float = Field(0.92, gt=0, le=1)
+    # The hit gate (docs/cache.md, "Bounded wrong hits"): a gate file written by
+    # ``milliwatt cache calibrate``; null: the gate shipped with milliwatt (text evidence,
+    # fitted on Quora pairs; it serves no templated answer).
+    gate: str | None = None
+    # δ: the share of served hits allowed to disagree with the next tier's answer.
+    max_wrong: float = Field(0.02, gt=0, lt=1)
+    templates: bool = True  # store and re-bind templated answers
+    observe: bool = False  # record every candidate and the gate's verdict, serve none (to calibrate)
+    # Share of hits also answered by the next tier off the critical path, to check them.
+    shadow_share: float = Field(0.05, ge=0, le=1)
+    autosave_s: float = Field(30.0, ge=0)  # with a path: save while open, at most this often
     ttl_s: float | None = Field(24 * 3600.0, gt=0)
     max_entries: int = Field(50_000, ge=1)
     token_budget: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_threshold(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "threshold" in data:
+            raise ValueError(
+                "cache.threshold is gone: a calibrated gate decides hits, bounded by cache.max_wrong "
+                "(default 0.02); see docs/cache.md"
+            )
+        return data
 
 
 class FutilitySettings(_Section):

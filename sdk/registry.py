@@ -60,9 +60,11 @@ def _rules(section: RulesSettings, settings: Settings) -> Tier:
 
 def _cache(section: CacheSettings, settings: Settings) -> Tier:
     from milliwatt.cache import CacheTier
+    from milliwatt.cache.evidence import load_gate
 
     return CacheTier(
-        **section.model_dump(exclude={"tier"}),
+        **section.model_dump(exclude={"tier", "gate", "max_wrong"}),
+        gate=load_gate(section.gate, section.max_wrong),
         tool_policy=settings.tool_cache_policy(),
         coefficients=cpu_coefficients(settings),
     )

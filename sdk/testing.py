@@ -8,6 +8,10 @@ on 127.0.0.1 that answers every chat completion with one fixed message, or with 
 of the request (a scripted provider: a tool call first, then an answer from its result). It is not a model;
 it exercises the real remote path (litellm, HTTP, JSON) in tests and benchmarks. Label the
 remote tier ``stand-in`` when it points there.
+
+``cosine_gate`` is a cache hit gate that serves any candidate at or above a cosine similarity,
+templates included: for tests of what the cache's keys and templates do, apart from what a
+calibrated gate would decide. It certifies nothing; never use it in service.
 """
 
 from __future__ import annotations
@@ -68,6 +72,18 @@ class ScriptedTier(Tier):
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+def cosine_gate(threshold: float) -> Any:
+    """A ``milliwatt.cache.HitGate`` that serves every candidate whose cosine similarity is at
+    least ``threshold`` (templated ones too). Its score is 1.0 or 0.0; it certifies nothing."""
+    from milliwatt.cache.evidence import EVIDENCE_VERSION, HitGate
+    from milliwatt.calibration import LogisticScorer, Threshold
+
+    # A steep logistic step at the threshold: score ~1 above it, ~0 below.
+    scorer = LogisticScorer(("cosine", "templated"), (1e4, 0.0), -1e4 * threshold + 1e-6, (0.0, 0.0), (1.0, 1.0))
+    certified = Threshold(0.5, 0, 0, 1.0, 0.0, 1.0, 0.95)
+    return HitGate(scorer, certified, EVIDENCE_VERSION, f"testing: cosine >= {threshold}, certifies nothing", "1970-01-01T00:00:00+00:00")
 
 
 class RecordingSink:

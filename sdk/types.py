@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from .errors import InvalidRequestError
@@ -302,7 +303,7 @@ def _validate_tool_choice(choice: Any, names: set[str]) -> None:
 
 # --------------------------------------------------------------------------- tier results
 
-Outcome = Literal["answered", "passed", "skipped", "error", "cancelled"]
+Outcome = Literal["answered", "passed", "skipped", "error", "cancelled", "shadow"]
 
 
 @dataclass(frozen=True)
@@ -325,6 +326,12 @@ class TierResult:
     label: str | None = None  # e.g. "stand-in" for the demo's loopback remote
     cacheable: bool = True  # may this answer be written back to the cache?
     skip_to: TierName | None = None  # a routing decision: pass straight to this tier
+    # What the tier decided on, kept in the ledger (attempts.evidence_json) so the decision
+    # can be judged and recalibrated later: e.g. the cache's candidate and its gate score.
+    evidence: Mapping[str, Any] | None = None
+    # Ask the cascade to check this answer: the next tiers answer the step too, off the
+    # critical path, and the answer is handed to this tier's ``remember`` (a shadow check).
+    shadow: bool = False
 
     @property
     def answered(self) -> bool:
@@ -350,6 +357,7 @@ class Attempt:
     energy: Energy
     cost_usd: float
     label: str | None = None
+    evidence: Mapping[str, Any] | None = None  # TierResult.evidence
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from milliwatt.errors import ConfigError, InvalidRequestError
 from milliwatt.types import Step, StepMeta
 
 from milliwatt.cache import CacheFileError, CacheTier, Embedder, literal_tokens, scope_key
+from milliwatt.cache.evidence import load_gate
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +34,12 @@ ANSWER = {"role": "assistant", "content": "You may check two bags of up to 23 kg
 
 def ask(text: str, *, system: dict = SYSTEM, tools: list | None = None, tenant: str | None = "acme", **kw) -> Step:
     return Step.create([system, {"role": "user", "content": text}], tools=tools, meta=StepMeta(tenant=tenant), **kw)
+
+
+# These tests are about exact entries: templates are off (tests/test_cache_templates.py covers
+# them), and the gate is the shipped one re-certified at a 10% bound, since at the default 2%
+# it serves no paraphrase (docs/cache.md) and these tests are about what a served hit is.
+EXACT = {"templates": False, "gate": load_gate(None, 0.10)}
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +62,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def tier(embedder: Embedder, clock: Clock) -> CacheTier:
-    return CacheTier(embedder=embedder, clock=clock)
+    # The shipped gate re-certified at a 10% bound: at the default 2% it serves no
+    # paraphrase (docs/cache.md), and these tests are about what a served hit looks like.
+    return CacheTier(embedder=embedder, clock=clock, **EXACT)
 
 
 def test_import_is_light() -> None:
@@ -68,8 +78,8 @@ async def test_paraphrase_hits_with_the_stored_answer(tier: CacheTier) -> None:
     await tier.remember(ask("How many bags can I check on an economy ticket?"), ANSWER, "remote")
     r = await tier.attempt(ask("How many bags can I check with an economy ticket?"))
     assert r.answered and r.message == ANSWER
-    assert r.signal is not None and r.signal >= tier.threshold
-    assert r.reason.startswith("similarity ") and ">= 0.920 in scope" in r.reason
+    assert r.signal is not None and r.signal >= tier.gate.threshold.score
+    assert re.match(r"entry \d+: gate score 0\.\d+, >= 0\.\d+ \(similarity 0\.9\d+\) in scope ", r.reason), r.reason
     assert r.model == "cache:remote" and r.cacheable is False
     assert r.energy.method == "cpu-time" and r.energy.point_wh > 0
 
@@ -79,7 +89,7 @@ async def test_unrelated_question_misses(tier: CacheTier) -> None:
     await tier.remember(ask("How many bags can I check on an economy ticket?"), ANSWER, "remote")
     r = await tier.attempt(ask("Can I bring my dog on board?"))
     assert not r.answered
-    assert r.reason.startswith("best similarity ") and "< 0.920" in r.reason
+    assert re.match(r"entry \d+: gate score 0\.\d+, < 0\.\d+ \(similarity 0\.\d+\)$", r.reason), r.reason
 
 
 @pytest.mark.parametrize(
@@ -194,7 +204,7 @@ async def test_an_identifier_from_an_earlier_turn_must_match_exactly(embedder: E
     # This used to be the "grounding" guard (an answer literal taken from the context must be
     # in the new step). The exact history now compares every earlier turn, which covers it:
     # the miss is decided before anything is embedded.
-    tier = CacheTier(embedder=embedder, clock=clock, tool_policy={"get_reservation": "read_only"})
+    tier = CacheTier(**EXACT, embedder=embedder, clock=clock, tool_policy={"get_reservation": "read_only"})
 
     def step(user_id: str) -> Step:
         return Step.create(
@@ -222,7 +232,7 @@ async def test_an_identifier_from_an_earlier_turn_must_match_exactly(embedder: E
 
 @pytest.mark.asyncio
 async def test_entries_expire_after_their_ttl(embedder: Embedder, clock: Clock) -> None:
-    tier = CacheTier(embedder=embedder, clock=clock, ttl_s=60)
+    tier = CacheTier(**EXACT, embedder=embedder, clock=clock, ttl_s=60)
     await tier.remember(ask("How many bags can I check on an economy ticket?"), ANSWER, "remote")
     short = Step.create(ask("Can I change my seat after booking?").messages, meta=StepMeta(tenant="acme", extra={"cache_ttl_s": 5}))
     await tier.remember(short, {"role": "assistant", "content": "Yes, online."}, "remote")
@@ -269,13 +279,14 @@ async def test_a_step_ending_with_an_assistant_message_is_not_cacheable(tier: Ca
 
 @pytest.mark.asyncio
 async def test_saved_cache_answers_after_a_restart(embedder: Embedder, clock: Clock, tmp_path: Path) -> None:
-    first = CacheTier(path=str(tmp_path / "c"), embedder=embedder, clock=clock)
+    first = CacheTier(**EXACT, path=str(tmp_path / "c"), embedder=embedder, clock=clock)
     await first.remember(ask("How many bags can I check on an economy ticket?"), ANSWER, "remote")
     await first.remember(tool_step('{"destination": "BOS"}'), {"role": "assistant", "content": "Boston."}, "local")
     await first.aclose()
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["entries.json", "index.faiss"]
+    # The two files of the cache, beside the lock an open cache holds (.lock, .lock.owner).
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")) == ["entries.json", "index.faiss"]
 
-    second = CacheTier(path=str(tmp_path / "c"), embedder=embedder, clock=clock)
+    second = CacheTier(**EXACT, path=str(tmp_path / "c"), embedder=embedder, clock=clock)
     assert len(second.store) == 2
     r = await second.attempt(ask("How many bags can I check with an economy ticket?"))
     assert r.answered and r.message == ANSWER
@@ -287,9 +298,9 @@ async def test_saved_cache_answers_after_a_restart(embedder: Embedder, clock: Cl
 
 @pytest.fixture
 def saved_folder(embedder: Embedder, clock: Clock, tmp_path: Path) -> Path:
-    tier = CacheTier(path=str(tmp_path / "c"), embedder=embedder, clock=clock)
+    tier = CacheTier(**EXACT, path=str(tmp_path / "c"), embedder=embedder, clock=clock)
     asyncio.run(tier.remember(ask("How many bags can I check on an economy ticket?"), ANSWER, "remote"))
-    tier.save()
+    asyncio.run(tier.aclose())  # saves, and lets the folder go
     return tmp_path / "c"
 
 
@@ -310,7 +321,7 @@ def saved_folder(embedder: Embedder, clock: Clock, tmp_path: Path) -> Path:
 def test_a_damaged_folder_fails_naming_the_file(embedder: Embedder, saved_folder: Path, damage, file: str, problem: str) -> None:
     damage(saved_folder)
     with pytest.raises(CacheFileError) as err:
-        CacheTier(path=str(saved_folder), embedder=embedder)
+        CacheTier(**EXACT, path=str(saved_folder), embedder=embedder)
     assert err.value.where == str(saved_folder / file)
     assert problem in str(err.value)
 
@@ -327,7 +338,7 @@ async def test_concurrent_lookups_are_embedded_in_few_batches(embedder: Embedder
 
 @pytest.mark.asyncio
 async def test_max_entries_evicts_the_least_hit(embedder: Embedder, clock: Clock) -> None:
-    tier = CacheTier(embedder=embedder, clock=clock, max_entries=3)
+    tier = CacheTier(**EXACT, embedder=embedder, clock=clock, max_entries=3)
     keep = "How many bags can I check on an economy ticket?"
     await tier.remember(ask(keep), ANSWER, "remote")
     assert (await tier.attempt(ask(keep))).answered  # one hit: kept over unhit entries
@@ -345,11 +356,11 @@ def test_the_configured_cache_section_and_tool_policy_reach_the_tier() -> None:
     from milliwatt.registry import build_tier
 
     settings = load_settings({
-        "cache": {"path": None, "threshold": 0.95, "ttl_s": None, "max_entries": 10},
+        "cache": {"path": None, "max_wrong": 0.05, "ttl_s": None, "max_entries": 10},
         "tools": {"get_reservation": {"cache": "read_only"}},
     })  # fmt: skip
     tier = build_tier("cache", settings)
-    assert (tier.threshold, tier.ttl_s, tier.max_entries, tier.token_budget) == (0.95, None, 10, None)
+    assert (tier.gate.threshold.target_error, tier.ttl_s, tier.max_entries, tier.token_budget) == (0.05, None, 10, None)
     assert tier.read_only.policy == {"get_reservation": "read_only"}
     with pytest.raises(ConfigError, match=r"cache\.tool_policy: cancel_reservation: must be 'read_only' or 'never'"):
         CacheTier(tool_policy={"cancel_reservation": "sometimes"})
@@ -393,7 +404,7 @@ def act(text: str, tools: list) -> Step:
 async def test_a_tool_call_is_stored_and_served_only_for_read_only_tools(
     embedder: Embedder, clock: Clock, policy: dict | None, tools: list, stored: bool
 ) -> None:
-    tier = CacheTier(embedder=embedder, clock=clock, tool_policy=policy)
+    tier = CacheTier(**EXACT, embedder=embedder, clock=clock, tool_policy=policy)
     question = "Please look up my reservation ZFA04Y for me."
     await tier.remember(act(question, tools), calling("get_reservation"), "remote")
     assert len(tier.store) == int(stored)
@@ -405,7 +416,7 @@ async def test_a_tool_call_is_stored_and_served_only_for_read_only_tools(
 
 @pytest.mark.asyncio
 async def test_a_side_effect_is_never_stored_even_when_other_tools_are_read_only(embedder: Embedder, clock: Clock) -> None:
-    tier = CacheTier(embedder=embedder, clock=clock, tool_policy={"get_reservation": "read_only", "cancel_reservation": "never"})
+    tier = CacheTier(**EXACT, embedder=embedder, clock=clock, tool_policy={"get_reservation": "read_only", "cancel_reservation": "never"})
     both = calling("get_reservation")
     both["tool_calls"].append({"id": "call_2", "type": "function", "function": {"name": "cancel_reservation", "arguments": '{"reservation_id": "ZFA04Y"}'}})
     await tier.remember(act("Cancel my reservation ZFA04Y, please.", [LOOKUP, CANCEL]), both, "remote")
@@ -421,20 +432,21 @@ async def test_the_policy_is_checked_again_at_lookup(embedder: Embedder, clock: 
     # A persisted cache outlives its policy: an entry stored while a tool was read-only must
     # not be served once the tool is not (declared never, or no longer declared at all).
     question = "Please look up my reservation ZFA04Y for me."
-    first = CacheTier(path=str(tmp_path / "c"), embedder=embedder, clock=clock, tool_policy={"get_reservation": "read_only"})
+    first = CacheTier(**EXACT, path=str(tmp_path / "c"), embedder=embedder, clock=clock, tool_policy={"get_reservation": "read_only"})
     await first.remember(act(question, [LOOKUP]), calling("get_reservation"), "remote")
     await first.aclose()
     for policy in ({"get_reservation": "never"}, None):
-        later = CacheTier(path=str(tmp_path / "c"), embedder=embedder, clock=clock, tool_policy=policy)
+        later = CacheTier(**EXACT, path=str(tmp_path / "c"), embedder=embedder, clock=clock, tool_policy=policy)
         assert len(later.store) == 1
         r = await later.attempt(act(question, [LOOKUP]))
         assert not r.answered and r.reason.startswith("tool get_reservation is not declared read-only (similarity 1.000)")
+        await later.aclose()
 
 
 @pytest.mark.parametrize("policy", [{"get_reservation": "sometimes"}, {"get_reservation": None}, ["get_reservation"]])
 def test_a_bad_tool_policy_is_a_config_error(embedder: Embedder, policy: object) -> None:
     with pytest.raises(ConfigError, match=r"cache\.tool_policy: ") as err:
-        CacheTier(embedder=embedder, tool_policy=policy)  # type: ignore[arg-type]
+        CacheTier(**EXACT, embedder=embedder, tool_policy=policy)  # type: ignore[arg-type]
     assert err.value.where == "cache.tool_policy"
 
 
@@ -511,7 +523,7 @@ async def test_a_failed_add_leaves_the_store_unchanged(tier: CacheTier, monkeypa
 
 @pytest.mark.asyncio
 async def test_a_failed_eviction_leaves_entries_and_vectors_in_step(embedder: Embedder, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
-    tier = CacheTier(embedder=embedder, clock=clock, max_entries=3)
+    tier = CacheTier(**EXACT, embedder=embedder, clock=clock, max_entries=3)
     questions = ["How many bags can I check on an economy ticket?", "Can I bring my dog on board?", "Is there wifi on the plane?"]
     for q in questions:
         clock.now += 1
@@ -560,11 +572,11 @@ def test_partition_checks_do_not_wait_for_the_store_lock(tier: CacheTier) -> Non
 async def test_entries_keyed_under_an_older_key_are_dropped_at_load(
     embedder: Embedder, clock: Clock, tmp_path: Path, stale: dict, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first = CacheTier(path=str(tmp_path / "c"), embedder=embedder, clock=clock)
+    first = CacheTier(**EXACT, path=str(tmp_path / "c"), embedder=embedder, clock=clock)
     await first.remember(ask("How many bags can I check on an economy ticket?"), ANSWER, "remote")
-    first.save()
+    await first.aclose()
     doc = json.loads((tmp_path / "c" / "entries.json").read_text())
     (tmp_path / "c" / "entries.json").write_text(json.dumps({**doc, **stale}))
-    second = CacheTier(path=str(tmp_path / "c"), embedder=embedder, clock=clock)
+    second = CacheTier(**EXACT, path=str(tmp_path / "c"), embedder=embedder, clock=clock)
     assert len(second.store) == 0  # they could never match: a new cache, not a start-up failure
     assert "can never match and are dropped" in caplog.text

@@ -7,8 +7,9 @@ differs in one thing: the system prompt, the tenant, the end user, the content o
 tool result, an earlier user turn, an earlier assistant turn, the arguments of an earlier
 tool call. Every one of those lookups must miss (0 wrong hits), and miss on the exact key,
 not by chance of similarity; while in the IDENTICAL context the same three questions hit
-(3 of 3 paraphrase hits; each paraphrase is checked to clear the default threshold, so the
-misses above are the key's doing).
+(3 of 3 paraphrase hits; each paraphrase is checked to clear the test's gate, cosine >= 0.85,
+so the misses above are the key's doing). Templates are off here: a templated answer
+re-bound to the other context's values is right by construction (tests/test_cache_templates.py).
 
 Before the fix, the tool-result, earlier-turn, tool-argument and end-user cases all hit: the
 second user got the first one's email.
@@ -22,7 +23,12 @@ import pytest
 
 from milliwatt.types import Step, StepMeta
 
-from milliwatt.cache import DEFAULT_THRESHOLD, CacheTier, Embedder
+from milliwatt.cache import CacheTier, Embedder
+from milliwatt.testing import cosine_gate
+
+# The key is under test, not the gate: a gate serving at cosine >= 0.85, which every
+# paraphrase clears (checked below), so each miss is the key's doing.
+GATE_COSINE = 0.85
 
 pytestmark = pytest.mark.slow
 
@@ -94,16 +100,16 @@ def embedder() -> Embedder:
 
 
 async def _tier(embedder: Embedder, stored: dict) -> CacheTier:
-    tier = CacheTier(embedder=embedder)
+    tier = CacheTier(embedder=embedder, gate=cosine_gate(GATE_COSINE), templates=False)
     await tier.remember(conversation(QUESTION, **stored), ANSWER, "remote")
     assert len(tier.store) == 1
     return tier
 
 
-def test_the_paraphrases_clear_the_default_threshold(embedder: Embedder) -> None:
+def test_the_paraphrases_clear_the_gate(embedder: Embedder) -> None:
     vecs, _ = embedder.encode(list(QUESTIONS))
     sims = [float(vecs[0] @ v) for v in vecs[1:]]
-    assert all(s >= DEFAULT_THRESHOLD for s in sims), sims
+    assert all(s >= GATE_COSINE for s in sims), sims
 
 
 @pytest.mark.asyncio

@@ -66,9 +66,14 @@ def test_rules_check_cli_reports_file_and_line(tmp_path, capsys):
 
 
 def test_a_cache_section_keeps_persistence_unless_it_says_otherwise():
-    cache = load_settings({"cache": {"threshold": 0.95}}).cache
-    assert (cache.path, cache.threshold) == (".milliwatt/cache", 0.95)
+    cache = load_settings({"cache": {"max_wrong": 0.05}}).cache
+    assert (cache.path, cache.max_wrong) == (".milliwatt/cache", 0.05)
     assert load_settings({"cache": {"path": None}}).cache.path is None
+
+
+def test_the_removed_cosine_threshold_is_refused_with_what_replaced_it():
+    with pytest.raises(ConfigError, match=r"cache\.threshold is gone: a calibrated gate decides hits, bounded by cache\.max_wrong"):
+        load_settings({"cache": {"threshold": 0.92}})
 
 
 def test_cpu_watts_must_be_ordered():
@@ -90,7 +95,8 @@ def test_a_frontier_model_ecologits_does_not_know_is_refused_at_start():
 @pytest.mark.parametrize(
     ("data", "key"),
     [
-        ({"cache": {"threshold": 92}}, "cache.threshold"),
+        ({"cache": {"max_wrong": 2}}, "cache.max_wrong"),
+        ({"cache": {"shadow_share": -0.1}}, "cache.shadow_share"),
         ({"cache": {"max_entries": "many"}}, "cache.max_entries"),
         ({"cache": {"treshold": 0.9}}, "cache.treshold"),
         ({"local": {"quantile": 2}}, "local.quantile"),

@@ -320,7 +320,7 @@ def test_summarize_matches_hand_computed_values(run_db: Path) -> None:
     assert s["latency_ms"] == approx({"p50": 20.0, "p95": 3000.0, "mean": 980.25, "max": 3000.0})
     assert s["energy_by_tier"]["local"] == approx({"steps": 1, "low": 0.001, "point": 0.002, "high": 0.003})
     assert s["attempts_by_tier"]["rules"] == approx(
-        {"attempts": 4, "answered": 1, "passed": 3, "skipped": 0, "error": 0, "cancelled": 0, "low": 1e-6, "point": 2e-6, "high": 3e-6}
+        {"attempts": 4, "answered": 1, "passed": 3, "skipped": 0, "error": 0, "cancelled": 0, "shadow": 0, "low": 1e-6, "point": 2e-6, "high": 3e-6}
     )
     assert s["attempts_by_tier"]["local"]["passed"] == 1
     assert s["attempts_by_tier"]["local"]["point"] == approx(0.022)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from milliwatt.evaluation.importers import bfcl_schema
-from milliwatt.evaluation.quality import (
+from milliwatt.quality import (
     TEXT_F1_THRESHOLD,
     bfcl_match,
     final_number,

@@ -50,7 +50,7 @@ class QualitySink:
     """A record sink that judges each record against its step's reference, then forwards it."""
 
     def __init__(self, inner: RecordSink, steps: Iterable[TraceStep]) -> None:
-        from .quality import judge
+        from milliwatt.quality import judge
 
         self.inner = inner
         self._judge = judge
@@ -151,7 +151,7 @@ async def replay(
 def _add_baseline_quality(summary: dict[str, Any], steps: list[TraceStep]) -> None:
     """The frontier's own quality, per kind of measure: its recorded answers judged by the same
     measures (1.0 where the reference is that answer), and per useful answer its energy."""
-    from .quality import judge
+    from milliwatt.quality import judge
 
     verdicts = [(judge(s.answer, s.reference, s.tools), s) for s in steps]
     q = summary["quality"]

@@ -40,7 +40,10 @@ def read_steps(
                 s["quality_agrees"] = bool(s["quality_agrees"])
             s["attempts"] = []
         for a in conn.execute(attempts).mappings():
-            by_id[a["step_id"]]["attempts"].append(dict(a))
+            row = dict(a)
+            raw = row.pop("evidence_json")
+            row["evidence"] = None if raw is None else json.loads(raw)
+            by_id[a["step_id"]]["attempts"].append(row)
     return steps
 
 

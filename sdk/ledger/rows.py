@@ -89,6 +89,7 @@ def _attempt_row(step_id: str, ordinal: int, a: Attempt) -> dict[str, Any]:
         "latency_ms": a.latency_s * 1000.0,
         **_energy_cols(a.energy),
         "cost_usd": a.cost_usd,
+        "evidence_json": None if a.evidence is None else to_json(a.evidence),
     }
 
 

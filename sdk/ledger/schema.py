@@ -23,7 +23,7 @@ SCHEMA_VERSION = 1
 VERSION_TABLE = "milliwatt_alembic_version"
 
 # "skipped": a routing decision sent the step past this tier without trying it.
-OUTCOMES = ("answered", "passed", "skipped", "error", "cancelled")
+OUTCOMES = ("answered", "passed", "skipped", "error", "cancelled", "shadow")
 # What ledger_faults counts; docs/ledger.md, "Faults", says what each means.
 FAULT_KINDS = ("spooled", "imported", "dropped", "retried")
 
@@ -95,7 +95,8 @@ class AttemptRow(Base):
     ordinal: Mapped[int] = _col(Integer, "position in the cascade for this step, from 0", primary_key=True)
     tier: Mapped[str] = _col(Text, "tier that made the attempt")
     outcome: Mapped[str] = _col(
-        Text, "`answered`; `passed` (the tier declined: see reason); `skipped` (routed past it); `error` (it failed: see reason); `cancelled` (the caller cancelled the step during it)"
+        Text,
+        "`answered`; `passed` (the tier declined: see reason); `skipped` (routed past it); `error` (it failed: see reason); `cancelled` (the caller cancelled the step during it); `shadow` (it answered off the critical path, to check the cheaper tier that answered)",
     )
     reason: Mapped[str] = _col(Text, "why the tier answered or passed, in words")
     signal: Mapped[float | None] = _col(Float, "the number the tier decided on: rule hit 1.0, cache similarity, local confidence")
@@ -110,6 +111,12 @@ class AttemptRow(Base):
     energy_wh_high: Mapped[float] = _col(Float, "energy of this attempt, high end", "Wh")
     energy_basis: Mapped[str] = _col(Text, "coefficients behind this attempt's energy")
     cost_usd: Mapped[float] = _col(Float, "money spent on this attempt", "USD")
+    # Added by 0004_attempt_evidence.
+    evidence_json: Mapped[str | None] = _col(
+        Text,
+        "what the tier decided on, as JSON: for the cache, its best candidates (answer, template, features, gate score and version); for a shadow check, the answer it got; null when the tier records none",
+        "JSON",
+    )
 
 
 class MetaRow(Base):

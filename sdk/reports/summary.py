@@ -161,7 +161,7 @@ def _share(agree: int, steps: int) -> float | None:
 
 
 def _quality(rows: list[Any], energy_by_kind: list[Any]) -> dict[str, Any]:
-    """Agreement with the reference, exact measures and proxies apart (see milliwatt.evaluation.quality).
+    """Agreement with the reference, exact measures and proxies apart (see milliwatt.quality).
 
     No figure here mixes the two kinds: ``judged`` is only a count, and ``metric`` names every
     measure used. ``baseline`` (the frontier's own quality, per kind) is None here: a replay

@@ -1,5 +1,8 @@
 """Per-step quality: does an answer agree with the step's reference? (docs/replay.md)
 
+The replay judges every step with these measures, and the cache judges its candidates with
+the same ones (``agreement``) when the next tier's answer is known.
+
 Exact measures, each a yes/no:
 
 * ``tool_call_match``: the same calls, in the same order, each with the same function name
@@ -55,6 +58,24 @@ def judge(answer: Message, reference: dict[str, Any], tools: Sequence[dict[str, 
 
 
 # --------------------------------------------------------------------------- tool calls
+
+
+def agreement(answer: Message, reference: Message) -> Quality:
+    """Does ``answer`` agree with another assistant message (the answer of the next tier in a
+    shadow check, or the one a later tier gave after a cache miss)? The reference's shape picks
+    the measure: ``tool_call_match`` for tool calls, the ``text_token_f1`` proxy for text."""
+    calls = reference.get("tool_calls")
+    if calls:
+        expected = [{"name": c["function"]["name"], "arguments": _parsed(c["function"].get("arguments"))} for c in calls]
+        return tool_call_match(answer, expected)
+    return text_match(answer, content_text(reference.get("content")))
+
+
+def _parsed(arguments: str | None) -> Any:
+    try:
+        return json.loads(arguments or "{}")
+    except json.JSONDecodeError:
+        return arguments  # compared as given: disagrees with any parsed arguments
 
 
 def _calls(answer: Message) -> list[tuple[str, Any]] | str:
