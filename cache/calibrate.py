@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from milliwatt.calibration import fit_logistic
+from milliwatt.calibration import LogisticScorer, fit_logistic
 from milliwatt.quality import agreement
 
 from .evidence import ALL_FEATURES, HitGate, certify
@@ -115,12 +115,20 @@ def fit(labelled: Labelled, *, target: float, confidence: float = 0.95, seed: in
     """Fit the scorer on one part of the sessions, certify the threshold on the other."""
     held_out = split_sessions(labelled.sessions, certify_share, seed)
     fit_rows = [c for s in labelled.steps if s.session not in held_out for c in s.candidates]
-    if len({right for _, right, _ in fit_rows}) < 2 or not held_out:
+    if not fit_rows or not held_out:
         raise ValueError(
             f"{len(labelled.candidates)} labelled cache candidates in {len(labelled.sessions)} session(s): calibration needs "
-            "right and wrong candidates in two sessions or more (replay with cache.observe: true)"
+            "candidates in two sessions or more (replay with cache.observe: true)"
         )
-    scorer = fit_logistic([f for f, _, _ in fit_rows], [r for _, r, _ in fit_rows], features=ALL_FEATURES)
+    outcomes = {right for _, right, _ in fit_rows}
+    if len(outcomes) == 2:
+        scorer = fit_logistic([f for f, _, _ in fit_rows], [r for _, r, _ in fit_rows], features=ALL_FEATURES)
+    else:
+        # Every candidate of the fit part was right (or every one wrong): nothing separates
+        # them, so the score is that one outcome; the held-out part still decides whether
+        # serving is certified.
+        bias = 8.0 if outcomes == {True} else -8.0
+        scorer = LogisticScorer(("templated",), (0.0,), bias, (0.0,), (1.0,))
     served = [max(((scorer.score(f), r) for f, r, _ in s.candidates), key=lambda x: x[0]) for s in labelled.steps if s.session in held_out]
     return certify(scorer, [sc for sc, _ in served], [r for _, r in served], target_error=target, confidence=confidence, fitted_on=fitted_on)
 
