@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
@@ -340,24 +339,10 @@ class HitGate:
         return doc
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the gate as JSON: to a temporary file, flushed to disk, renamed over ``path``
-        (a reader never sees half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = (json.dumps(self.to_json(), indent=2) + "\n").encode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            # mkstemp makes the file private (0600); a gate is configuration others read, and a
-            # shipped one is package data: keep the mode of the file it replaces, else 0644.
-            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the gate as JSON, atomically (``persist.write_atomic``: a reader never sees half a file)."""
+        from .persist import write_atomic
+
+        write_atomic(Path(path), (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> HitGate:

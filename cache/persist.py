@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import socket
 import threading
 import time
@@ -97,8 +98,8 @@ def _save(store: Store, folder: Path, model: str) -> None:
         "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
         "entries": [_entry_to_json(e) for e in entries],
     }
-    _write_atomic(folder / INDEX_FILE, index_bytes)
-    _write_atomic(folder / ENTRIES_FILE, json.dumps(doc, ensure_ascii=False).encode("utf-8"))
+    write_atomic(folder / INDEX_FILE, index_bytes)
+    write_atomic(folder / ENTRIES_FILE, json.dumps(doc, ensure_ascii=False).encode("utf-8"))
 
 
 def load(store: Store, folder: str | os.PathLike[str], model: str) -> int:
@@ -168,13 +169,24 @@ def load(store: Store, folder: str | os.PathLike[str], model: str) -> int:
     return len(parsed)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader (or a crash) never sees half of it: a temporary
+    file beside it (``.<name>.<random>.tmp``), flushed to disk, renamed over ``path``, and the
+    folder synced. The file keeps the mode of the one it replaces (else 0644). A cache folder's
+    files and a gate file are written this way."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp makes the file private (0600); these are files other processes read.
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)  # the rename itself survives a power cut
 
 
@@ -192,7 +204,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _leftover_temp_files(folder: Path) -> list[Path]:
-    """Temporary files of saves that crashed before their rename (``_write_atomic``'s names)."""
+    """Temporary files of saves that crashed before their rename (``write_atomic``'s names)."""
     return [p for name in (INDEX_FILE, ENTRIES_FILE) for p in folder.glob(f".{name}.*.tmp")]
 
 
@@ -248,7 +260,7 @@ def lock_folder(folder: str | os.PathLike[str]) -> FolderLock:
         raise CacheLockedError(str(folder), _held_by(folder)) from None
     try:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        _write_atomic(folder / OWNER_FILE, json.dumps(owner).encode("utf-8"))
+        write_atomic(folder / OWNER_FILE, json.dumps(owner).encode("utf-8"))
         for tmp in _leftover_temp_files(folder):
             log.warning("cache %s: removing %s, left by a save that did not finish", folder, tmp.name)
             tmp.unlink(missing_ok=True)
