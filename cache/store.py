@@ -10,9 +10,9 @@ millisecond (384 dims, 2 cores: 0.9 ms at 16k vectors, 1.1-1.4 ms at 18-20k, 3 m
 A partition with more than ``hnsw_from`` entries (one scope of single-turn questions, say)
 gets an approximate ``IndexIDMap2(IndexHNSWFlat)`` instead, whose search cost grows with
 log(n), not n. It is built from the partition's vectors when the partition crosses the
-bound, then grows by plain adds. HNSW cannot remove vectors, so a removal rebuilds the
-partition from the vectors it keeps, as for flat indexes, with the kind chosen again from
-the count kept. ``HNSW_EF_SEARCH`` is set for recall@8 >= 0.99 up to the default
+bound, then grows by plain adds. HNSW cannot remove vectors: removed ones stay in the graph
+as tombstones that searches skip, and the partition is rebuilt from the vectors it keeps
+once they would pass a quarter of it, with the kind chosen again from the count kept. ``HNSW_EF_SEARCH`` is set for recall@8 >= 0.99 up to the default
 ``max_entries`` (measured on clustered synthetic vectors no easier than MiniLM's, up to 50k
 per partition, and on 19.6k MiniLM embeddings of QQP questions); past that recall falls (see
 the constant, and benchmarks/bench_cache.py for the figures at 1M).
@@ -100,6 +100,10 @@ HNSW_EF_CONSTRUCTION = 40
 # on the synthetic vectors: 0.97 at 100k, 0.65 at 1M, where a query at 128 already takes 1 ms
 # (benchmarks/bench_cache.py): a partition far past the default max_entries needs a better graph.
 HNSW_EF_SEARCH = 128
+# An HNSW partition keeps removed vectors as tombstones (skipped by searches) until they would
+# be this share of its graph, then is rebuilt: one rebuild per ~25% of a partition expired or
+# evicted, instead of one per purge (remove's docstring).
+TOMBSTONE_SHARE = 0.25
 
 
 def _faiss() -> Any:
@@ -113,6 +117,22 @@ class _Partition:
     index: Any  # faiss.IndexIDMap2 over an IndexFlatIP (maybe on GPU) or an IndexHNSWFlat
     hnsw: bool = False
     ids: set[int] = field(default_factory=set)
+    # HNSW only: ids removed from the store whose vectors are still in the graph (tombstones),
+    # and the search parameters that skip them (built on the first search after a change).
+    dead: set[int] = field(default_factory=set)
+    skip: Any = None
+
+    def search_params(self, ef_search: int) -> Any:
+        """FAISS parameters that leave the tombstones out of an HNSW search (None: none)."""
+        if not self.dead:
+            return None
+        if self.skip is None or self.skip[0] != ef_search:
+            faiss = _faiss()
+            batch = faiss.IDSelectorBatch(np.fromiter(self.dead, dtype=np.int64))
+            selector = faiss.IDSelectorNot(batch)
+            # The selectors are kept with the parameters: FAISS holds raw pointers to them.
+            self.skip = (ef_search, faiss.SearchParametersHNSW(sel=selector, efSearch=ef_search), selector, batch)
+        return self.skip[1]
 
 
 def _decrement(counts: Counter[str], key: str) -> None:
@@ -283,6 +303,7 @@ class Store:
             self._parts[key] = _Partition(*built)
         else:
             part.index, part.hnsw = built
+            part.dead, part.skip = set(), None  # built from the live vectors only
 
     def _commit_entry(self, entry: Entry, entry_id: int) -> None:
         entry.id = entry_id
@@ -293,15 +314,16 @@ class Store:
         self._histories[entry.history_key] += 1
 
     def remove(self, ids: set[int]) -> None:
-        """Drop entries; each touched partition is rebuilt from the vectors it keeps (one path
-        for CPU, GPU and HNSW indexes, which cannot remove, and one rebuild per batch of
-        removals). The kind of index is chosen again from the count kept: a partition that
-        falls to ``hnsw_from`` or fewer entries is flat and exact again.
+        """Drop entries. A flat partition is rebuilt from the vectors it keeps (one rebuild per
+        batch of removals). An HNSW partition cannot remove vectors, and rebuilding one takes
+        seconds (5 s for 50k vectors on 2 idle cores, 12 s on busy ones) under the lock, while
+        searches wait; so its removed vectors stay in the graph as tombstones that searches
+        skip (a FAISS id selector), until they would pass ``TOMBSTONE_SHARE`` of the graph:
+        then it is rebuilt from the vectors it keeps, its kind chosen again from their count
+        (a partition that falls to ``hnsw_from`` or fewer entries is flat and exact again).
 
         All or nothing: every rebuild is done before anything is dropped, so a FAISS
-        failure leaves the store as it was. Rebuilding an HNSW partition takes seconds
-        (5 s for 50k vectors on 2 idle cores, 12 s on busy ones), under the lock: searches
-        wait for it."""
+        failure leaves the store as it was."""
         with self._lock:
             by_part: dict[str, set[int]] = {}
             for i in ids:
@@ -309,9 +331,13 @@ class Store:
                 if entry is not None:
                     by_part.setdefault(entry.partition, set()).add(i)
             rebuilt: dict[str, tuple[Any, bool]] = {}  # partition -> its new index; absent: it goes
+            buried: set[str] = set()  # HNSW partitions whose removed vectors become tombstones
             for key, gone in by_part.items():
                 part = self._parts[key]
                 if part.ids <= gone:
+                    continue
+                if part.hnsw and len(part.dead) + len(gone) <= TOMBSTONE_SHARE * part.index.ntotal:
+                    buried.add(key)
                     continue
                 keep_ids, keep_vecs = self._vectors_of(part)
                 mask = np.isin(keep_ids, np.fromiter(gone, dtype=np.int64))
@@ -322,9 +348,14 @@ class Store:
                     entry = self.entries.pop(i)
                     _decrement(self._scopes, entry.scope)
                     _decrement(self._histories, entry.history_key)
-                if key in rebuilt:
-                    part = self._parts[key]
+                part = self._parts[key]
+                if key in buried:
+                    part.dead |= gone
+                    part.skip = None
+                    part.ids -= gone
+                elif key in rebuilt:
                     part.index, part.hnsw = rebuilt[key]
+                    part.dead, part.skip = set(), None
                     part.ids -= gone
                 else:
                     del self._parts[key]
@@ -379,15 +410,20 @@ class Store:
             part = self._parts.get(partition)
             if part is None:
                 return []
-            k = min(k, part.index.ntotal)
-            sims, ids = part.index.search(vector.reshape(1, -1).astype(np.float32), k)
+            k = min(k, len(part.ids))
+            params = part.search_params(self.hnsw_ef_search) if part.hnsw else None
+            sims, ids = part.index.search(vector.reshape(1, -1).astype(np.float32), k, params=params)
             return [(self.entries[int(i)], float(s)) for s, i in zip(sims[0], ids[0], strict=True) if i >= 0]
 
     def _vectors_of(self, part: _Partition) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of a partition's live entries (tombstones left out)."""
         faiss = _faiss()
         ids = faiss.vector_to_array(part.index.id_map).astype(np.int64)
-        vecs = part.index.index.reconstruct_n(0, part.index.ntotal)
-        return ids, np.ascontiguousarray(vecs, dtype=np.float32)
+        vecs = np.ascontiguousarray(part.index.index.reconstruct_n(0, part.index.ntotal), dtype=np.float32)
+        if part.dead:
+            live = ~np.isin(ids, np.fromiter(part.dead, dtype=np.int64))
+            ids, vecs = ids[live], vecs[live]
+        return ids, vecs
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray, list[Entry]]:
         """(ids, vectors, entries) of every entry at one instant, for saving."""

@@ -123,6 +123,34 @@ def test_removal_after_switch_over_rebuilds_and_never_returns_removed_entries() 
     assert store.index_kind(key) is None and not store.has_partition(key) and len(store) == 0
 
 
+def test_a_few_removals_from_an_hnsw_partition_are_tombstones_searches_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rebuilding a graph takes seconds under the store's lock: a purge of a few expired entries
+    must not stall every search. Removed vectors stay in the graph, skipped, until they would
+    pass a quarter of it; then one rebuild drops them all."""
+    store, vecs = filled(1200)
+    key = partition(store)
+    builds = []
+    real_build = Store._build
+    monkeypatch.setattr(Store, "_build", lambda self, *a: builds.append(1) or real_build(self, *a))
+
+    gone = set(range(1, 121))  # 10%: the nearest entries of the queries below
+    store.remove(gone)
+    part = store._parts[key]
+    assert builds == [] and part.index.ntotal == 1200 and part.dead == gone and len(store) == 1080
+    for q in near(vecs[:120]):
+        found = store.search(key, q, 8)
+        assert len(found) == 8 and not {e.id for e, _ in found} & gone
+    assert recall_at_8(store, vecs[120:], np.arange(121, 1201), near(vecs[120:320])) >= 0.99
+
+    persist.save(store, tmp_path / "c", MODEL)  # tombstones are not saved
+    assert sorted(loaded(tmp_path / "c").entries) == sorted(store.entries)
+
+    builds.clear()  # loading built the other store's index
+    store.remove(set(range(121, 321)))  # 320 of 1,200 would be tombstones: past a quarter
+    part = store._parts[key]
+    assert builds == [1] and part.index.ntotal == 880 and part.dead == set() and store.index_kind(key) == "hnsw"
+
+
 def test_a_failed_switch_over_or_rebuild_leaves_the_store_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
     vecs = unit(502)
     store = Store(hnsw_from=500, use_gpu=False)
@@ -144,7 +172,7 @@ def test_a_failed_switch_over_or_rebuild_leaves_the_store_as_it_was(monkeypatch:
     assert store.index_kind(key) == "hnsw"
     monkeypatch.setattr(Store, "_build", refuse)
     with pytest.raises(RuntimeError):
-        store.remove({1, 2, 3})
+        store.remove(set(range(1, 201)))  # too many for tombstones: the graph is rebuilt
     assert len(store) == 501 and 1 in store.entries and store.version == 2
     assert store.search(key, vecs[0], 1)[0][0].id == 1
 
@@ -536,8 +564,9 @@ def test_eviction_rebuilds_each_partition_once_and_all_or_nothing(monkeypatch: p
         return real_build(self, *args)
 
     monkeypatch.setattr(Store, "_build", counting)
-    assert store.evict(1000, now=20.0) == 1200 - 950
-    assert len(builds) == 1 and len(store) == 950 and not any(e.expired(20.0) for e in store.entries.values())
+    # 440 of 1,200 go: more than the tombstones an HNSW partition keeps, so one rebuild.
+    assert store.evict(800, now=20.0) == 1200 - 760
+    assert len(builds) == 1 and len(store) == 760 and not any(e.expired(20.0) for e in store.entries.values())
 
     def refuse(*args: object) -> None:
         raise RuntimeError("faiss: out of memory")
@@ -545,7 +574,7 @@ def test_eviction_rebuilds_each_partition_once_and_all_or_nothing(monkeypatch: p
     monkeypatch.setattr(Store, "_build", refuse)
     with pytest.raises(RuntimeError):
         store.evict(500, now=20.0)
-    assert len(store) == 950
+    assert len(store) == 760
 
 
 @pytest.mark.slow
