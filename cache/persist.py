@@ -369,6 +369,8 @@ def _entry_to_json(e: Entry) -> dict[str, Any]:
         "template": None if e.template is None else e.template.to_json(),
         "agree": e.agree,
         "disagree": e.disagree,
+        "checks": e.checks,
+        "failed_checks": e.failed_checks,
     }
 
 
@@ -391,6 +393,8 @@ def _entry_from_json(raw: Any, where: str) -> Entry:
             template=None if raw.get("template") is None else Template.from_json(raw["template"]),
             agree=int(raw.get("agree", 0)),
             disagree=int(raw.get("disagree", 0)),
+            checks=int(raw.get("checks", 0)),
+            failed_checks=int(raw.get("failed_checks", 0)),
         )
     except KeyError as e:
         raise CacheFileError(where, f"missing field {e.args[0]!r}") from None

@@ -72,6 +72,10 @@ class Entry:
     # gave (after a miss, or in a shadow check). Evidence for the gate, kept with the entry.
     agree: int = 0
     disagree: int = 0
+    # Of those verdicts, the ones given when the gate served the entry, or would have: its
+    # record as a hit, which alone may retire it (tier.py, _retired).
+    checks: int = 0
+    failed_checks: int = 0
 
     @property
     def partition(self) -> str:

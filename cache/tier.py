@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from milliwatt.calibration import clopper_pearson_lower
 from milliwatt.energy import CpuCoefficients, CpuTimer, cpu_energy
 from milliwatt.errors import ConfigError, InvalidRequestError
 from milliwatt.quality import agreement
@@ -244,6 +245,14 @@ class CacheTier(Tier):
                     out.append(self._scored(entry, message, features, templated=True))
         return (out, rejections), timer.seconds
 
+    def _retired(self, entry: Entry) -> bool:
+        """Whether the entry's record as a hit (the verdicts given when the gate served it, or
+        would have) shows, with 95% confidence, that it is wrong more often than the gate's
+        bound allows: a threshold per entry, learned from its feedback (vCache's idea), on top
+        of the gate's. At a 2% bound one failed check in one retires an entry; one in sixty
+        does not. Verdicts on it as a far candidate the gate turned down do not count."""
+        return clopper_pearson_lower(entry.failed_checks, entry.checks) > self.gate.threshold.target_error
+
     def _scored(self, entry: Entry, message: Message, features: dict[str, float], *, templated: bool) -> Candidate:
         features.update(
             templated=float(templated), tool_call=float(bool(message.get("tool_calls"))), agree=float(entry.agree), disagree=float(entry.disagree)
@@ -255,6 +264,8 @@ class CacheTier(Tier):
         """Why an entry of the right partition must still not answer; None if it may."""
         if entry.expired(now):
             return "expired"
+        if entry.failed_checks and self._retired(entry):
+            return f"retired: as a hit, disagreed with the next tier {entry.failed_checks} of {entry.checks} times"
         tool = self.read_only.first_unsafe(message, step)
         if tool is not None:
             return f"tool {tool} is not declared read-only"
@@ -297,10 +308,14 @@ class CacheTier(Tier):
         if pending is None or pending[0] is not step:
             return
         for c in pending[1]:
-            if agreement(c.message, answer).agrees:
+            agrees = agreement(c.message, answer).agrees
+            if agrees:
                 c.entry.agree += 1
             else:
                 c.entry.disagree += 1
+            if c.serve:  # served (a shadow check) or would have been: its record as a hit
+                c.entry.checks += 1
+                c.entry.failed_checks += not agrees
 
     # ------------------------------------------------------------------ write-back
 

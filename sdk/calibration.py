@@ -50,6 +50,20 @@ def clopper_pearson_upper(errors: int, n: int, confidence: float = DEFAULT_CONFI
     return float(beta.ppf(confidence, errors + 1, n - errors))
 
 
+def clopper_pearson_lower(errors: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """Exact one-sided lower confidence bound on an error rate after ``errors`` in ``n`` trials:
+    the error rate is at least this, with probability ``confidence``. No errors: 0.0."""
+    if n < 0 or errors < 0 or errors > n:
+        raise ValueError(f"need 0 <= errors <= n, got errors={errors}, n={n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if errors == 0:
+        return 0.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(1 - confidence, errors, n - errors + 1))
+
+
 def min_accepted(target_error: float, confidence: float = DEFAULT_CONFIDENCE) -> int:
     """The fewest accepted examples whose bound can reach ``target_error`` at all (zero errors).
 

@@ -74,15 +74,16 @@ class ScriptedTier(Tier):
         self.closed = True
 
 
-def cosine_gate(threshold: float) -> Any:
+def cosine_gate(threshold: float, *, max_wrong: float = 1.0) -> Any:
     """A ``milliwatt.cache.HitGate`` that serves every candidate whose cosine similarity is at
-    least ``threshold`` (templated ones too). Its score is 1.0 or 0.0; it certifies nothing."""
+    least ``threshold`` (templated ones too). Its score is 1.0 or 0.0; it certifies nothing.
+    ``max_wrong`` is the bound it claims, which the cache's per-entry retirement reads."""
     from milliwatt.cache.evidence import EVIDENCE_VERSION, HitGate
     from milliwatt.calibration import LogisticScorer, Threshold
 
     # A steep logistic step at the threshold: score ~1 above it, ~0 below.
     scorer = LogisticScorer(("cosine", "templated"), (1e4, 0.0), -1e4 * threshold + 1e-6, (0.0, 0.0), (1.0, 1.0))
-    certified = Threshold(0.5, 0, 0, 1.0, 0.0, 1.0, 0.95)
+    certified = Threshold(0.5, 0, 0, 1.0, 0.0, max_wrong, 0.95)
     return HitGate(scorer, certified, EVIDENCE_VERSION, f"testing: cosine >= {threshold}, certifies nothing", "1970-01-01T00:00:00+00:00")
 
 

@@ -127,3 +127,31 @@ async def test_an_empty_query_is_served_only_as_an_exact_repeat_and_a_huge_one_i
     r = await tier.attempt(huge)
     assert not r.answered and r.reason == "not cacheable: the last user message has 22,000 characters, the cache compares at most 16,000"
     assert len(tier.store) == 1
+
+
+@pytest.mark.asyncio
+async def test_an_entry_whose_own_record_breaks_the_bound_is_retired(embedder: Embedder) -> None:
+    tier = CacheTier(embedder=embedder, gate=cosine_gate(0.8, max_wrong=0.02), tool_policy=POLICY, shadow_share=0.0)
+    await tier.remember(conversation("I want to change my flight.", "Sure, my user id is mia_li_3668."), call("get_user_details", user_id="mia_li_3668"), "remote")
+    later = conversation("I want to change my flight.", "My user id is omar_davis_3817.")
+    [template] = [e for e in tier.store.entries.values() if e.template is not None]
+
+    template.agree, template.disagree = 0, 9  # as a far candidate the gate turned down: does not count
+    template.checks, template.failed_checks = 61, 1  # as a hit, one miss in 61 checks: within a 2% bound
+    assert (await tier.attempt(later)).answered
+    template.checks, template.failed_checks = 4, 2  # at least ~19% wrong as a hit, with 95% confidence
+    r = await tier.attempt(later)
+    assert not r.answered and "retired: as a hit, disagreed with the next tier 2 of 4 times" in r.reason
+
+    # Checks come from shadow checks of hits: one that disagrees retires the entry at 2%.
+    template.checks = template.failed_checks = 0
+    shadowed = CacheTier(embedder=embedder, gate=cosine_gate(0.8, max_wrong=0.02), tool_policy=POLICY, shadow_share=1.0)
+    await shadowed.remember(conversation("I want to change my flight.", "Sure, my user id is mia_li_3668."), call("get_user_details", user_id="mia_li_3668"), "remote")
+    hit = await shadowed.attempt(later)
+    assert hit.answered and hit.shadow
+    await shadowed.remember(later, {"role": "assistant", "content": "Let me transfer you."}, "remote")
+    # The template is retired; the check's own answer, stored for this very request, serves it now.
+    again = await shadowed.attempt(later)
+    assert again.message["content"] == "Let me transfer you." and "an exact repeat" in again.reason
+    [template] = [e for e in shadowed.store.entries.values() if e.template is not None]
+    assert (template.checks, template.failed_checks) == (1, 1) and "retired" in (await shadowed.attempt(conversation("I want to change my flight.", "user id omar_davis_9999"))).reason
