@@ -122,7 +122,7 @@ def leaves(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
 def _parse_result(content: str) -> Any:
     try:
         return json.loads(content)
-    except (json.JSONDecodeError, ValueError):
+    except ValueError:  # JSONDecodeError included: a result that is not JSON
         return None
 
 

@@ -171,10 +171,15 @@ class Cascade:
         self, p: _Progress, asked: dict[str, Step], answered_at: int, answer: TierResult, message: Message, sent: int
     ) -> None:
         """Ask the tiers after the one that answered, as if it had passed, off the critical
-        path. The first answer goes to the answering tier's ``remember`` (the cache judges its
-        own answer against it and learns), and every try is a ``shadow`` attempt of the step,
+        path. The first answer fit to be a reference (one the cascade would write back, so not
+        an unverified local answer) goes to the answering tier's ``remember`` (the cache judges
+        its own answer against it and learns); every try is a ``shadow`` attempt of the step,
         charged like any other; then the step is recorded."""
         checked = self.tiers[answered_at]
+
+        def shadow(a: Attempt, what: str, **kw: Any) -> None:
+            p.attempts.append(replace(a, outcome="shadow", reason=f"shadow check of {checked.name}{what}", **kw))
+
         for later in self.tiers[answered_at + 1 :]:
             a0 = time.perf_counter()
             try:
@@ -182,14 +187,14 @@ class Cascade:
                 result = await later.attempt(trimmed.step)
             except Exception as e:  # noqa: BLE001 - a failed check costs feedback, never the answer
                 reason = redact(f"{type(e).__name__}: {e}")
-                p.attempts.append(replace(_failed(later.name, reason, e, time.perf_counter() - a0), outcome="shadow", reason=f"shadow check of {checked.name} failed: {reason}"))
+                shadow(_failed(later.name, reason, e, time.perf_counter() - a0), f" failed: {reason}")
                 continue
             attempt = _attempted(result, trimmed.tokens_after, time.perf_counter() - a0)
-            if not result.answered:
-                p.attempts.append(replace(attempt, outcome="shadow", reason=f"shadow check of {checked.name}: passed: {result.reason}"))
+            if not (result.answered and result.cacheable):
+                shadow(attempt, f": {'not a reference' if result.answered else 'passed'}: {result.reason}")
                 continue
             reference = snapshot(result.message or {})
-            p.attempts.append(replace(attempt, outcome="shadow", reason=f"shadow check of {checked.name}: {result.reason}", evidence={"checks": checked.name, "answer": reference}))
+            shadow(attempt, f": {result.reason}", evidence={"checks": checked.name, "answer": reference})
             try:
                 await checked.remember(asked[checked.name], reference, result.tier, model=result.model)
             except Exception as e:  # noqa: BLE001

@@ -78,7 +78,7 @@ class RulesSettings(_Section):
 class CacheSettings(_Section):
     tier: Literal["cache"] = "cache"
     path: str | None = DEFAULT_CACHE_PATH  # null: in memory only
-    # The hit gate (docs/cache.md, "Bounded wrong hits"): a gate file written by
+    # The hit gate (docs/cache.md, "The gate: a bounded share of wrong hits"): a gate file written by
     # ``milliwatt cache calibrate``; null: the gate shipped with milliwatt (text evidence,
     # fitted on Quora pairs; it serves no templated answer).
     gate: str | None = None

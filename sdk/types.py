@@ -8,8 +8,8 @@ already holds); ``Step.create`` validates them once, naming the bad field.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import InvalidRequestError

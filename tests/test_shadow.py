@@ -77,3 +77,19 @@ async def test_a_failing_check_is_recorded_and_never_costs_the_answer(tmp_path) 
     assert result.message == CHEAP and cheap.remembered == []
     assert [(a["tier"], a["outcome"]) for a in row["attempts"]] == [("cache", "answered"), ("remote", "shadow")]
     assert row["attempts"][1]["reason"].startswith("shadow check of cache failed: RuntimeError: provider down")
+
+
+@pytest.mark.asyncio
+async def test_an_unverified_answer_is_no_reference_for_the_check() -> None:
+    """A gated local model's answer (not written back) is skipped: the frontier's is the reference."""
+    cheap = CheckedTier("cache", lambda s: CHEAP)
+    local = ScriptedTier("local", lambda s: {"role": "assistant", "content": "Maybe one bag."}, cacheable=False)
+    remote = ScriptedTier("remote", lambda s: REFERENCE)
+    sink = RecordingSink()
+    cascade = Cascade([cheap, local, remote], frontier_model="openai/gpt-4o", sink=sink)
+    await cascade.run(step())
+    await cascade.aclose()
+    [record] = sink.records
+    assert [(a.tier, a.outcome) for a in record.attempts] == [("cache", "answered"), ("local", "shadow"), ("remote", "shadow")]
+    assert record.attempts[1].reason.startswith("shadow check of cache: not a reference: ")
+    assert [m for _, m, _ in cheap.remembered] == [REFERENCE]
