@@ -155,3 +155,20 @@ async def test_an_entry_whose_own_record_breaks_the_bound_is_retired(embedder: E
     assert again.message["content"] == "Let me transfer you." and "an exact repeat" in again.reason
     [template] = [e for e in shadowed.store.entries.values() if e.template is not None]
     assert (template.checks, template.failed_checks) == (1, 1) and "retired" in (await shadowed.attempt(conversation("I want to change my flight.", "user id omar_davis_9999"))).reason
+
+
+@pytest.mark.asyncio
+async def test_templates_and_their_record_survive_a_restart(embedder: Embedder, tmp_path) -> None:
+    first = CacheTier(path=str(tmp_path / "c"), embedder=embedder, gate=cosine_gate(0.8), tool_policy=POLICY)
+    await first.remember(conversation("I want to change my flight.", "Sure, my user id is mia_li_3668."), call("get_user_details", user_id="mia_li_3668"), "remote")
+    [template] = [e for e in first.store.entries.values() if e.template is not None]
+    template.agree, template.disagree, template.checks, template.failed_checks = 5, 1, 3, 0
+    await first.aclose()
+
+    second = CacheTier(path=str(tmp_path / "c"), embedder=embedder, gate=cosine_gate(0.8), tool_policy=POLICY)
+    [loaded] = [e for e in second.store.entries.values() if e.template is not None]
+    assert loaded.template == template.template
+    assert (loaded.agree, loaded.disagree, loaded.checks, loaded.failed_checks) == (5, 1, 3, 0)
+    hit = await second.attempt(conversation("I want to change my flight.", "My user id is omar_davis_3817."))
+    assert hit.answered and args_of(hit.message) == {"user_id": "omar_davis_3817"}
+    await second.aclose()
