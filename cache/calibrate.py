@@ -30,11 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from milliwatt.calibration import LogisticScorer, fit_logistic
+from milliwatt.errors import MilliwattError
 from milliwatt.quality import agreement
 
 from .evidence import ALL_FEATURES, HitGate, certify
 
 DEFAULT_TARGET = 0.02
+
+
+class CalibrationError(MilliwattError, ValueError):
+    """A ledger holds too little to calibrate on (``milliwatt cache calibrate`` exits 2 with it)."""
 
 
 @dataclass
@@ -116,7 +121,7 @@ def fit(labelled: Labelled, *, target: float, confidence: float = 0.95, seed: in
     held_out = split_sessions(labelled.sessions, certify_share, seed)
     fit_rows = [c for s in labelled.steps if s.session not in held_out for c in s.candidates]
     if not fit_rows or not held_out:
-        raise ValueError(
+        raise CalibrationError(
             f"{len(labelled.candidates)} labelled cache candidates in {len(labelled.sessions)} session(s): calibration needs "
             "candidates in two sessions or more (replay with cache.observe: true)"
         )
@@ -160,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stdout,
     )
     if t.score is None:
-        print(f"no threshold certifies {args.target:.1%} wrong at {args.confidence:.0%} confidence: the gate serves nothing")
+        print(f"no threshold certifies {args.target:.1%} wrong at {args.confidence:.0%} confidence: the gate serves exact repeats only")
     else:
         print(
             f"threshold {t.score:.4f}: {t.accepted} of the held-out steps served, {t.errors} wrong, "
