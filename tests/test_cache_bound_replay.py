@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from milliwatt.cache.calibrate import calibrate, read_labelled
+from milliwatt.cli import main
 from milliwatt.evaluation.importers import Trace, TraceStep
 from milliwatt.evaluation.replay import replay
 
@@ -45,7 +46,8 @@ def test_templated_answers_are_served_under_the_certified_bound_on_held_out_conv
     gate, _ = calibrate(observed, target=0.10)
     assert gate.knows_templates and gate.threshold.score is not None and gate.threshold.upper <= 0.10
     gate_file = tmp_path / "gate.json"
-    gate.save(gate_file)
+    assert main(["cache", "calibrate", str(observed), "--target", "0.10", "--out", str(gate_file)]) == 0
+    assert json.loads(gate_file.read_text())["threshold"] == gate.threshold.to_json()  # the CLI writes what calibrate fits
 
     # Other users, the same agent: every id is new, so only a re-bound template can answer.
     served = tmp_path / "served.db"
@@ -68,3 +70,6 @@ def test_calibrating_a_ledger_without_candidates_says_what_is_missing(tmp_path: 
     asyncio.run(replay(trace(range(0, 4), "x"), ledger=ledger, config={**CONFIG, "tiers": ["remote"]}))
     with pytest.raises(ValueError, match=r"0 labelled cache candidates in 0 session\(s\): calibration needs candidates in two sessions or more \(replay with cache.observe: true\)"):
         calibrate(ledger)
+    out = tmp_path / "gate.json"
+    assert main(["cache", "calibrate", str(ledger), "--out", str(out)]) == 2 and not out.exists()
+    assert main(["cache", "calibrate", str(tmp_path / "missing.db"), "--out", str(out)]) == 2
