@@ -34,11 +34,9 @@ from typing import Any
 
 import yaml
 
-from milliwatt.cache.calibrate import calibrate, read_labelled
+from milliwatt.cache.calibrate import calibrate, ledger_steps, read_labelled
 from milliwatt.evaluation.importers import load_trace
 from milliwatt.evaluation.replay import replay
-from milliwatt.ledger import read_steps
-from milliwatt.ledger.engine import open_existing
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tau_airline" / "trajectories.json"
@@ -50,18 +48,10 @@ def _config(cache: dict[str, Any]) -> dict[str, Any]:
     return {**data, "tiers": ["cache", "remote"], "cache": {"path": None, **cache}}
 
 
-def _steps(ledger: Path) -> list[dict[str, Any]]:
-    engine, _ = open_existing(ledger)
-    try:
-        return read_steps(engine)
-    finally:
-        engine.dispose()
-
-
 def served_figures(ledger: Path) -> dict[str, Any]:
     """The cache's answers of a gated replay, judged: by kind of answer and templated or not."""
     out = {"steps": 0, "answers": 0, "agree": 0, "wrong": 0, "templated": 0, "tool_call": [0, 0], "text": [0, 0]}
-    for s in _steps(ledger):
+    for s in ledger_steps(ledger):
         out["steps"] += 1
         if s["tier"] != "cache":
             continue

@@ -98,15 +98,21 @@ def labelled_candidates(steps: Iterable[dict[str, Any]], *, reference_tier: str 
     return out
 
 
-def read_labelled(ledger: str | Path, *, reference_tier: str = "remote") -> Labelled:
+def ledger_steps(ledger: str | Path) -> list[dict[str, Any]]:
+    """Every step of a ledger with its attempts (``milliwatt.ledger.read_steps``), read only: a
+    missing file or a non-ledger is a ``LedgerError``."""
     from milliwatt.ledger import read_steps
     from milliwatt.ledger.engine import open_existing
 
-    engine, _ = open_existing(ledger)  # only reads: a missing file or a non-ledger is a LedgerError
+    engine, _ = open_existing(ledger)
     try:
-        return labelled_candidates(read_steps(engine), reference_tier=reference_tier)
+        return read_steps(engine)
     finally:
         engine.dispose()
+
+
+def read_labelled(ledger: str | Path, *, reference_tier: str = "remote") -> Labelled:
+    return labelled_candidates(ledger_steps(ledger), reference_tier=reference_tier)
 
 
 def split_sessions(sessions: set[str], share: float, seed: int) -> set[str]:

@@ -100,11 +100,12 @@ class Situation:
         return partition_key(self.scope, "situation", self.shape)
 
 
-def situation(step: Step) -> Situation:
+def situation(step: Step, scope: str | None = None) -> Situation:
     """The situation of a cacheable step. Its shape is the agent's previous move (text, or
     the tools it called) before the last user message, and what followed that message: the
     tools called since, and whether each result was an error. Values (ids, amounts, dates)
-    are masked by their kind in the text (``mask``): re-binding supplies them."""
+    are masked by their kind in the text (``mask``): re-binding supplies them. ``scope``: the
+    step's scope key when the caller has it already (hashing the tool schemas is not free)."""
     msgs = [m for m in step.messages if m["role"] not in ("system", "developer")]
     last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
     before = next((m for m in reversed(msgs[:last_user]) if m["role"] == "assistant"), None)
@@ -121,7 +122,7 @@ def situation(step: Step) -> Situation:
         elif m["role"] == "tool":
             since.append("error" if content_text(m.get("content")).lstrip().lower().startswith("error") else "result")
     text = f"{mask(said)}\n{mask(content_text(msgs[last_user].get('content')))}".strip()
-    return Situation(scope_key(step), sha256_hex({"previous": previous, "since": since}), text)
+    return Situation(scope or scope_key(step), sha256_hex({"previous": previous, "since": since}), text)
 
 
 def mask(text: str) -> str:

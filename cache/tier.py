@@ -149,7 +149,7 @@ class CacheTier(Tier):
                 why_not = uncacheable_reason(step)
                 why_not = why_not and f"not cacheable: {why_not}"
             key = None if why_not else step_key(step)
-            where = situation(step) if key is not None and self.templates else None
+            where = situation(step, key.scope) if key is not None and self.templates else None
         if key is None:
             return self._pass(str(why_not), timer.seconds)
         exact = self.store.has_partition(key.partition)
@@ -343,7 +343,7 @@ class CacheTier(Tier):
         # Parsing every tool result of a long conversation is CPU work: off the event loop.
         template = await asyncio.to_thread(make_template, step.messages, answer) if self.templates else None
         if template is not None:
-            where = situation(step)
+            where = situation(step, key.scope)
             entries.append(Entry(id=0, scope=where.scope, history="situation", tail=where.shape, text=where.text,
                                  literals=frozenset(), message=answer, source=source, created_at=now,
                                  expires_at=expires, template=template))  # fmt: skip
