@@ -7,71 +7,30 @@ thread. Once they are memoised, building a record costs ~15 us, less than the ho
 thread (~65 us), so ``cached_tokens_raw`` and ``can_record_inline`` tell the cascade when
 the event loop may do it itself.
 
-Token counts are memoised: an agent resends its whole context at every step, so all but
-the newest messages, and the tool schemas, were counted at an earlier step. A message's
-count depends only on its text, its tool calls and whether it has a name, and the memo is
-keyed by exactly those, so a memoised count is the count ``milliwatt.tokens`` gives.
+Token counts are memoised (``milliwatt.tokens.TokenCounter``, shared with the trimmers): an
+agent resends its whole context at every step, so all but the newest messages, and the tool
+schemas, were counted at an earlier step.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Hashable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .energy import RemoteEnergyModel
 from .ids import new_step_id
 from .pricing import cost_usd
-from .tokens import PER_MESSAGE, PER_REPLY, message_tokens, tools_tokens
-from .types import Attempt, Energy, Message, Step, StepRecord, TierResult, content_text
+from .tokens import PER_MESSAGE, TokenCounter
+from .types import Attempt, Energy, Message, Step, StepRecord, TierResult
+
+if TYPE_CHECKING:
+    from .trimming import Trimmed
 
 
 # Step-level ``tier`` of a step no tier answered.
 FAILED = "error"
 CANCELLED = "cancelled"
-
-
-class _Memo:
-    """A bounded, thread-safe least-recently-used map (counts are computed in worker threads)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: OrderedDict[Hashable, int] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> int | None:
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: Hashable, value: int) -> None:
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
-def _message_key(m: Message) -> Hashable:
-    # Exactly what milliwatt.tokens.message_tokens reads. Strings are shared with the caller's
-    # copy and cache their hash, so building the key costs little for long contents.
-    calls = tuple(
-        (str((c.get("function") or {}).get("name", "")), str((c.get("function") or {}).get("arguments", "")))
-        for c in m.get("tool_calls") or []
-    )
-    return (content_text(m.get("content")), calls, bool(m.get("name")))
-
-
-def _tools_key(tools: Sequence[dict[str, Any]]) -> str:
-    return json.dumps(list(tools), separators=(",", ":"), sort_keys=False, default=str)
 
 
 class Accountant:
@@ -87,14 +46,13 @@ class Accountant:
         *,
         encoding: str = "o200k_base",
         energy_model: RemoteEnergyModel | None = None,
-        memo_messages: int = 16384,
-        memo_tools: int = 256,
+        counter: TokenCounter | None = None,
     ) -> None:
         self.frontier_model = frontier_model
         self.encoding = encoding
         self.energy_model = energy_model or RemoteEnergyModel()
-        self._messages = _Memo(memo_messages)
-        self._tools = _Memo(memo_tools)
+        # Shared with the trimmers, which count the same messages.
+        self.counter = counter or TokenCounter(encoding)
         # Answer lengths whose counterfactual was estimated: EcoLogits' part of the estimate
         # depends only on the length, and milliwatt.energy memoises it.
         self._estimated_lengths: set[int] = set()
@@ -103,45 +61,16 @@ class Accountant:
 
     def tokens_raw(self, step: Step) -> int:
         """Input tokens of the step as the agent sent it (messages, framing, tool schemas)."""
-        total = PER_REPLY
-        for m in step.messages:
-            total += self._message_tokens(m)
-        if step.tools:
-            key = _tools_key(step.tools)
-            n = self._tools.get(key)
-            if n is None:
-                n = tools_tokens(step.tools, self.encoding)
-                self._tools.put(key, n)
-            total += n
-        return total
-
-    def _message_tokens(self, m: Message) -> int:
-        key = _message_key(m)
-        n = self._messages.get(key)
-        if n is None:
-            n = message_tokens(m, self.encoding)
-            self._messages.put(key, n)
-        return n
+        return self.counter.request(step.messages, step.tools)
 
     def completion_tokens(self, message: Message) -> int:
         """Output tokens of an assistant message, as ``milliwatt.tokens.count_completion``."""
-        return self._message_tokens(message) - PER_MESSAGE if message else 0
+        return self.counter.message(message) - PER_MESSAGE if message else 0
 
     def cached_tokens_raw(self, step: Step) -> int | None:
         """``tokens_raw`` when every part of the step was counted before (no tokenising: cheap
         enough for the event loop), else None."""
-        total = PER_REPLY
-        for m in step.messages:
-            n = self._messages.get(_message_key(m))
-            if n is None:
-                return None
-            total += n
-        if step.tools:
-            n = self._tools.get(_tools_key(step.tools))
-            if n is None:
-                return None
-            total += n
-        return total
+        return self.counter.cached_request(step.messages, step.tools)
 
     # ------------------------------------------------------------------ the record
 
@@ -151,7 +80,7 @@ class Accountant:
             return False
         if not message:
             return 0 in self._estimated_lengths
-        n = self._messages.get(_message_key(message))
+        n = self.counter.cached_message(message)
         return n is not None and n - PER_MESSAGE in self._estimated_lengths
 
     def record(
@@ -164,7 +93,7 @@ class Accountant:
         attempts: Sequence[Attempt],
         answer: TierResult | None = None,
         message: Message | None = None,
-        tokens_sent: int = 0,
+        sent: Trimmed | None = None,
         outcome: str = FAILED,
     ) -> StepRecord:
         """The ledger's record of one step.
@@ -196,7 +125,7 @@ class Accountant:
             model=answer.model if answer else None,
             label=answer.label if answer else None,
             input_tokens_raw=tokens_raw,
-            input_tokens_sent=tokens_sent if answer else 0,
+            input_tokens_sent=sent.tokens_after if answer and sent else 0,
             output_tokens=(answer.output_tokens or out_tokens) if answer else 0,
             latency_s=latency,
             energy=energy,
@@ -207,4 +136,6 @@ class Accountant:
             attempts=tuple(attempts),
             request=step.to_openai(),
             response=message,
+            input_tokens_prefix=sent.prefix_tokens if answer and sent else 0,
+            trimmed=sent if answer else None,
         )

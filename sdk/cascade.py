@@ -12,6 +12,13 @@ the step goes on to the next tier. Only the last resort's failure reaches the ca
 the energy spent until then, and the ``CancelledError`` goes on. Every step, answered,
 failed or cancelled, is handed to the sink exactly once.
 
+Trimming (``milliwatt.trimming``, one pipeline per tier): a step is trimmed for each tier
+before it is asked. A tier whose token budget the step cannot fit is not asked (it passes with
+the reason). An answer that asks for tools whose schemas trimming withheld (through the index
+tool, or by calling one) is not handed on: it is a ``passed`` attempt, and the same tier is
+asked again with those schemas. Every verified answer is shown to the trimmers, which learn
+from it which tools conversations use.
+
 Shadow checks: a tier that answered may ask (``TierResult.shadow``) that its answer be
 checked. The caller gets the answer at once; the later tiers answer the step in the
 background, the first answer goes to the checked tier's ``remember``, and the step is
@@ -28,7 +35,7 @@ import logging
 import pickle
 import time
 import traceback
-from collections.abc import Coroutine, Sequence
+from collections.abc import Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -37,7 +44,8 @@ from .energy import RemoteEnergyModel, cpu_energy
 from .errors import BackendError, MilliwattError, NoTierAnswered
 from .redaction import get_logger, redact
 from .tier import Spend, Tier, spending
-from .trimming import Trimmed, Trimmer
+from .tokens import TokenCounter
+from .trimming import Trimmed, Trimmer, wanted
 from .types import Attempt, Energy, Message, Step, StepRecord, StepResult, TierResult
 
 log = get_logger()
@@ -68,7 +76,8 @@ class Cascade:
         tiers: Sequence[Tier],
         *,
         frontier_model: str,
-        trimmer: Trimmer | None = None,
+        trimmers: Mapping[str, Trimmer] | None = None,
+        counter: TokenCounter | None = None,
         energy_model: RemoteEnergyModel | None = None,
         sink: RecordSink | None = None,
         accountant: Accountant | None = None,
@@ -80,8 +89,14 @@ class Cascade:
             raise ValueError(f"tier names must be unique, got {names}")
         self.tiers = list(tiers)
         self.frontier_model = frontier_model
-        self.trimmer = trimmer or Trimmer()
-        self.accountant = accountant or Accountant(frontier_model, encoding=self.trimmer.encoding, energy_model=energy_model)
+        # One token memo for the books and every tier's trimming: they count the same messages.
+        self.counter = counter or (accountant.counter if accountant else TokenCounter())
+        self.accountant = accountant or Accountant(frontier_model, counter=self.counter, energy_model=energy_model)
+        unknown = sorted(set(trimmers or {}) - set(names))
+        if unknown:
+            raise ValueError(f"trimming configured for {unknown}, which are not tiers of this cascade ({names})")
+        # Each tier's pipeline; a tier without one is trimmed only to its token budget.
+        self.trimmers = {n: (trimmers or {}).get(n) or Trimmer(counter=self.counter) for n in names}
         self.sink = sink
         # Record writes in flight, kept so a cancelled caller cannot cut one off and
         # ``aclose`` can wait for them.
@@ -106,7 +121,8 @@ class Cascade:
         skip_to: str | None = None
         answer: TierResult | None = None
         asked: dict[str, Step] = {}  # the step as each tier was asked it, for write-back
-        sent = answered_at = 0
+        sent: Trimmed | None = None
+        answered_at = 0
         for index, tier in enumerate(self.tiers):
             if skip_to is not None and tier.name != skip_to:
                 attempts.append(_skipped(tier.name, f"routed to {skip_to}"))
@@ -116,9 +132,8 @@ class Cascade:
             with spending() as spend:
                 p.current = (tier.name, a0, spend)
                 try:
-                    trimmed = await self._trim(step, tier.token_budget, tokens_raw)
+                    result, trimmed, a0 = await self._ask(tier, step, tokens_raw, attempts, a0)
                     asked[tier.name] = trimmed.step
-                    result = await tier.attempt(trimmed.step)
                 except Exception as e:  # noqa: BLE001 - any failure of a tier is a reason to go on
                     p.current = None
                     reason = redact(f"{type(e).__name__}: {e}")
@@ -134,9 +149,9 @@ class Cascade:
                     _log_traceback(e)
                     continue
                 p.current = None
-            attempts.append(_attempted(result, trimmed.tokens_after, time.perf_counter() - a0))
+            attempts.append(_attempted(result, trimmed, time.perf_counter() - a0))
             if result.answered:
-                answer, sent, answered_at = result, trimmed.tokens_after, index
+                answer, sent, answered_at = result, trimmed, index
                 break
             # Only a route to a later tier is obeyed: one to a tier this cascade does not
             # have, or one already passed, would skip every later tier and fail the step.
@@ -148,6 +163,7 @@ class Cascade:
 
         message = snapshot(answer.message or {})
         if answer.cacheable:
+            self._learn(step, message)
             for earlier in self.tiers[:answered_at]:
                 if earlier.name not in asked:  # a tier skipped by a route was not asked
                     continue
@@ -156,7 +172,7 @@ class Cascade:
                 except Exception as e:  # noqa: BLE001 - a failed write-back costs a future hit, never this answer
                     log.warning("write-back to %s failed: %s", earlier.name, redact(f"{type(e).__name__}: {e}"))
                     _log_traceback(e)
-        record = await self._account(p, answer=answer, message=message, tokens_sent=sent)
+        record = await self._account(p, answer=answer, message=message, sent=sent)
         if answer.shadow and answered_at < last:
             # The caller gets its answer now; the record goes to the sink once the check is in,
             # with the check's attempt and its cost (the caller's record is without them).
@@ -168,7 +184,7 @@ class Cascade:
         return StepResult(snapshot(message), record)
 
     async def _shadow_check(
-        self, p: _Progress, asked: dict[str, Step], answered_at: int, answer: TierResult, message: Message, sent: int
+        self, p: _Progress, asked: dict[str, Step], answered_at: int, answer: TierResult, message: Message, sent: Trimmed | None
     ) -> None:
         """Ask the tiers after the one that answered, as if it had passed, off the critical
         path. The first answer fit to be a reference (one the cascade would write back, so not
@@ -182,32 +198,75 @@ class Cascade:
 
         for later in self.tiers[answered_at + 1 :]:
             a0 = time.perf_counter()
+            checks: list[Attempt] = []
             try:
-                trimmed = await self._trim(p.step, later.token_budget, p.tokens_raw)
-                result = await later.attempt(trimmed.step)
+                result, trimmed, a0 = await self._ask(later, p.step, p.tokens_raw, checks, a0)
             except Exception as e:  # noqa: BLE001 - a failed check costs feedback, never the answer
                 reason = redact(f"{type(e).__name__}: {e}")
                 shadow(_failed(later.name, reason, e, time.perf_counter() - a0), f" failed: {reason}")
                 continue
-            attempt = _attempted(result, trimmed.tokens_after, time.perf_counter() - a0)
+            for check in checks:
+                shadow(check, f": {check.reason}")
+            attempt = _attempted(result, trimmed, time.perf_counter() - a0)
             if not (result.answered and result.cacheable):
                 shadow(attempt, f": {'not a reference' if result.answered else 'passed'}: {result.reason}")
                 continue
             reference = snapshot(result.message or {})
+            self._learn(p.step, reference)
             shadow(attempt, f": {result.reason}", evidence={"checks": checked.name, "answer": reference})
             try:
                 await checked.remember(asked[checked.name], reference, result.tier, model=result.model)
             except Exception as e:  # noqa: BLE001
                 log.warning("shadow feedback to %s failed: %s", checked.name, redact(f"{type(e).__name__}: {e}"))
             break
-        record = await self._account(p, answer=answer, message=message, tokens_sent=sent)
+        record = await self._account(p, answer=answer, message=message, sent=sent)
         if self.sink is not None:
             await self.sink.write(record)
 
-    async def _trim(self, step: Step, budget: int | None, tokens_raw: int) -> Trimmed:
-        if budget is None or tokens_raw <= budget:
-            return self.trimmer.trim(step, budget, tokens_before=tokens_raw)  # returns at once
-        return await asyncio.to_thread(self.trimmer.trim, step, budget, tokens_before=tokens_raw)
+    async def _ask(self, tier: Tier, step: Step, tokens_raw: int, attempts: list[Attempt], a0: float) -> tuple[TierResult, Trimmed, float]:
+        """Trim the step for ``tier`` and ask it; return the result, the request it answered
+        and when that request started. An answer that asks for tools whose schemas trimming
+        withheld (it calls one, or the index of them) is not an answer: it is recorded as a
+        passed attempt and the tier is asked again with those schemas (and, should it ask
+        again, with all of them)."""
+        trimmed = await self._trim(step, tier, tokens_raw)
+        if not trimmed.fits:
+            # A token budget is what the tier can take (a local model's window, or what runs
+            # fast enough on a CPU): what must stay of the step is more, so it is not asked.
+            reason = f"{trimmed.tokens_after} input tokens after trimming exceed the tier's token budget of {tier.token_budget}"
+            return TierResult.passed(tier.name, reason), trimmed, a0
+        result = await tier.attempt(trimmed.step)
+        reveal: set[str] = set()
+        for last_try in (False, True):
+            asked_for = wanted(result.message, trimmed) if result.answered else frozenset()
+            if not asked_for:
+                break
+            reveal |= set(trimmed.withheld) if last_try else asked_for
+            passed = _attempted(result, trimmed, time.perf_counter() - a0)
+            attempts.append(replace(
+                passed, outcome="passed",
+                reason=f"asked for tool schemas trimming withheld ({', '.join(sorted(asked_for))}); asked again with them",
+                evidence={**(passed.evidence or {}), "asked_for": sorted(asked_for)},
+            ))  # fmt: skip
+            a0 = time.perf_counter()
+            trimmed = await self._trim(step, tier, tokens_raw, reveal)
+            result = await tier.attempt(trimmed.step)
+        return result, trimmed, a0
+
+    async def _trim(self, step: Step, tier: Tier, tokens_raw: int, reveal: Collection[str] = ()) -> Trimmed:
+        trimmer, budget = self.trimmers[tier.name], tier.token_budget
+        if not trimmer.strategies and (budget is None or tokens_raw <= budget):
+            return trimmer.trim(step, budget, tokens_before=tokens_raw)  # returns at once
+        # Strategies tokenise what they rewrite (once: the counts are memoised), so off the loop.
+        return await asyncio.to_thread(trimmer.trim, step, budget, tokens_before=tokens_raw, reveal=reveal)
+
+    def _learn(self, step: Step, answer: Message) -> None:
+        """Strategies that learn from traffic (tool selection) see each verified answer."""
+        for trimmer in self.trimmers.values():
+            try:
+                trimmer.learn(step, answer)
+            except Exception as e:  # noqa: BLE001 - learning is never worth an answer
+                log.warning("trimming could not learn from a step: %s", redact(f"{type(e).__name__}: {e}"))
 
     async def _account(self, p: _Progress, *, outcome: str = FAILED, attempts: list[Attempt] | None = None, **kw: Any) -> StepRecord:
         """The step's record: built here when every figure it needs is memoised (cheaper than
@@ -319,21 +378,33 @@ def snapshot(value: Any) -> Any:
         return copy.deepcopy(value)
 
 
-def _attempted(r: TierResult, tokens_sent: int, latency: float) -> Attempt:
+def _attempted(r: TierResult, trimmed: Trimmed, latency: float) -> Attempt:
+    evidence = r.evidence
+    if trimmed.stages:  # what trimming did to this tier's request, beside what the tier decided on
+        evidence = {**(evidence or {}), "trim": trim_evidence(trimmed)}
     return Attempt(
         tier=r.tier,
         outcome="answered" if r.answered else "passed",
         reason=r.reason,
         signal=r.signal,
         model=r.model,
-        input_tokens=r.input_tokens or tokens_sent,
+        input_tokens=r.input_tokens or (trimmed.tokens_after if trimmed.fits else 0),  # not fitting: not sent
         output_tokens=r.output_tokens,
         latency_s=latency,
         energy=r.energy,
         cost_usd=r.cost_usd,
         label=r.label,
-        evidence=r.evidence,
+        evidence=evidence,
+        prefix_tokens=trimmed.prefix_tokens,
     )
+
+
+def trim_evidence(trimmed: Trimmed) -> dict[str, Any]:
+    """The ledger's account of one request's trimming (``attempts.evidence_json`` → ``trim``)."""
+    out: dict[str, Any] = {"saved": {s.strategy: s.saved for s in trimmed.stages if s.saved}}
+    if trimmed.withheld:
+        out["withheld"] = list(trimmed.withheld)
+    return out
 
 
 def _skipped(tier: str, reason: str) -> Attempt:

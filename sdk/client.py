@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .cascade import Cascade, RecordSink, snapshot
 from .energy import RemoteEnergyModel
 from .tier import Tier
-from .trimming import Trimmer
+from .tokens import TokenCounter
+from .trimming import Trimmer, build_trimmer
 from .types import Step, StepMeta, StepResult
 
 
@@ -33,12 +34,16 @@ class Milliwatt:
         *,
         frontier_model: str = "openai/gpt-4o",
         ledger: RecordSink | None = None,
-        trimmer: Trimmer | None = None,
+        trimmers: Mapping[str, Trimmer] | None = None,
         energy_model: RemoteEnergyModel | None = None,
     ) -> None:
+        """``trimmers``: each tier's trimming pipeline by tier name (``milliwatt.trimming``); a
+        tier not named is trimmed only to its token budget. ``from_config`` builds them from
+        the configuration, with the default pipeline for the remote tier."""
         self.ledger = ledger
+        counter = next(iter(trimmers.values())).counter if trimmers else None
         self.cascade = Cascade(
-            tiers, frontier_model=frontier_model, trimmer=trimmer, energy_model=energy_model, sink=ledger
+            tiers, frontier_model=frontier_model, trimmers=trimmers, counter=counter, energy_model=energy_model, sink=ledger
         )
         self._closed = False
 
@@ -71,12 +76,12 @@ class Milliwatt:
             ledger = Ledger(settings.ledger)
             if wrap_ledger is not None:
                 ledger = wrap_ledger(ledger)
-        return cls(
-            tiers,
-            frontier_model=settings.frontier_model,
-            ledger=ledger,
-            trimmer=Trimmer(settings.trim.keep_tool_results, settings.trim.encoding),
-        )
+        counter = TokenCounter(settings.trim.encoding)
+        trimmers = {
+            name: build_trimmer(getattr(settings.section(name), "trim", ()), settings.trim, counter)
+            for name in settings.tiers
+        }  # fmt: skip
+        return cls(tiers, frontier_model=settings.frontier_model, ledger=ledger, trimmers=trimmers)
 
     @classmethod
     async def open(

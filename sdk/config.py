@@ -30,9 +30,42 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+StrategyName = Literal["compact_json", "truncate", "mask", "dedupe", "select_tools"]
+DEFAULT_REMOTE_TRIM: list[StrategyName] = ["compact_json", "truncate", "mask", "dedupe", "select_tools"]
+
+
+class MaskSettings(_Section):
+    keep: int = Field(10, ge=0)  # the newest tool outputs kept verbatim
+    block: int = Field(5, ge=1)  # outputs masked at a time, so the masked prefix changes once per block
+
+
+class TruncateSettings(_Section):
+    max_tokens: int = Field(2000, ge=16)  # a longer tool output keeps its head and tail
+
+
+class DedupeSettings(_Section):
+    min_chars: int = Field(64, ge=1)  # shorter repeated outputs are left as they are
+
+
+class SelectToolsSettings(_Section):
+    always: list[str] = Field(default_factory=list)  # tools offered at every step
+    retrieve: int = Field(0, ge=0)  # tools the retriever always offers, by relevance to the latest user message
+    # The expected number of times per conversation the model asks for a withheld tool (docs/trimming.md).
+    risk: float = Field(0.5, ge=0)
+    prior: float = Field(5.0, gt=0)  # pseudo-sessions in which every tool was used: the cold start
+    learn: bool = True  # learn which tools are called when from verified answers
+    index: bool = True  # list withheld tools by name; a model asking for one is asked again with it
+
+
 class TrimSettings(_Section):
-    keep_tool_results: int = Field(3, ge=0)
+    """The strategies' settings (docs/trimming.md); each tier's ``trim`` names the ones it uses."""
+
     encoding: str = "o200k_base"
+    keep_tool_results: int = Field(3, ge=0)  # a token budget masks older tool outputs first
+    mask: MaskSettings = Field(default_factory=MaskSettings)
+    truncate: TruncateSettings = Field(default_factory=TruncateSettings)
+    dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
+    select_tools: SelectToolsSettings = Field(default_factory=SelectToolsSettings)
 
 
 class EnergySettings(_Section):
@@ -130,6 +163,7 @@ class LocalSettings(_Section):
     futility: FutilitySettings | Literal[False] = Field(default_factory=FutilitySettings)
     # An unverified small-model answer must not be multiplied by the cache.
     write_back: bool = False
+    trim: list[StrategyName] = Field(default_factory=list)  # trimming strategies, then token_budget
     # ``read_only``: a local tool call to a tool not declared read-only (``tools:``) escalates,
     # since the agent would execute it unverified. ``any``: where calls are judged, never run.
     tool_calls: Literal["read_only", "any"] = "read_only"
@@ -156,6 +190,7 @@ class RemoteSettings(_Section):
     energy_model: str | None = None  # the model whose energy is charged (default: model)
     extra: dict[str, Any] = Field(default_factory=dict)  # passed to litellm.acompletion as is
     token_budget: int | None = Field(None, ge=1)
+    trim: list[StrategyName] = Field(default_factory=lambda: list(DEFAULT_REMOTE_TRIM))  # docs/trimming.md
 
     BACKEND_KEYS: ClassVar[tuple[str, ...]] = ("api_base", "api_key", "api_key_env", "timeout_s", "max_retries", "backoff_base_s",
                     "backoff_cap_s", "label", "energy_model", "extra")  # fmt: skip

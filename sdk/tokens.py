@@ -17,7 +17,9 @@ import base64
 import functools
 import hashlib
 import json
-from collections.abc import Iterable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +132,98 @@ def count_request(messages: Iterable[Message], tools: Iterable[dict[str, Any]] =
 def count_completion(message: Message, enc: str = "o200k_base") -> int:
     """Output tokens of an assistant message (content and tool calls)."""
     return message_tokens(message, enc) - PER_MESSAGE
+
+
+class _Memo:
+    """A bounded, thread-safe least-recently-used map (counts are computed in worker threads)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[Hashable, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> int | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def get_or_put(self, key: Hashable, compute: Callable[[], int]) -> int:
+        """The value of ``key``, computed (outside the lock) and kept when missing."""
+        value = self.get(key)
+        if value is None:
+            value = compute()
+            self.put(key, value)
+        return value
+
+    def put(self, key: Hashable, value: int) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def message_key(m: Message) -> Hashable:
+    # Exactly what message_tokens reads. Strings are shared with the caller's copy and cache
+    # their hash, so building the key costs little for long contents.
+    calls = tuple(
+        (str((c.get("function") or {}).get("name", "")), str((c.get("function") or {}).get("arguments", "")))
+        for c in m.get("tool_calls") or []
+    )
+    return (content_text(m.get("content")), calls, bool(m.get("name")))
+
+
+def tools_key(tools: Sequence[dict[str, Any]]) -> str:
+    return json.dumps(list(tools), separators=(",", ":"), sort_keys=False, default=str)
+
+
+class TokenCounter:
+    """Memoised token counts of messages and tool lists, exactly as ``message_tokens`` and
+    ``tools_tokens`` give them.
+
+    An agent resends its whole context at every step, so all but the newest messages, and
+    the tool schemas, were counted before: the accountant (the step's raw tokens) and the
+    trimmers (what each strategy saves) share one counter and tokenise each text once.
+    A message's count depends only on its text, its tool calls and whether it has a name,
+    and the memo is keyed by exactly those.
+    """
+
+    def __init__(self, encoding: str = "o200k_base", *, memo_messages: int = 16384, memo_tools: int = 256) -> None:
+        self.encoding = encoding
+        self._messages = _Memo(memo_messages)
+        self._tools = _Memo(memo_tools)
+
+    def message(self, m: Message) -> int:
+        return self._messages.get_or_put(message_key(m), lambda: message_tokens(m, self.encoding))
+
+    def tools(self, tools: Sequence[dict[str, Any]]) -> int:
+        if not tools:
+            return 0
+        return self._tools.get_or_put(tools_key(tools), lambda: tools_tokens(tools, self.encoding))
+
+    def request(self, messages: Iterable[Message], tools: Sequence[dict[str, Any]] = ()) -> int:
+        """Input tokens of a chat request, as ``count_request``."""
+        return PER_REPLY + sum(self.message(m) for m in messages) + self.tools(tools)
+
+    def cached_message(self, m: Message) -> int | None:
+        return self._messages.get(message_key(m))
+
+    def cached_request(self, messages: Iterable[Message], tools: Sequence[dict[str, Any]] = ()) -> int | None:
+        """``request`` when every part was counted before (no tokenising), else None."""
+        total = PER_REPLY
+        for m in messages:
+            n = self._messages.get(message_key(m))
+            if n is None:
+                return None
+            total += n
+        if tools:
+            n = self._tools.get(tools_key(tools))
+            if n is None:
+                return None
+            total += n
+        return total

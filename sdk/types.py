@@ -201,11 +201,17 @@ def content_text(content: Any) -> str:
     return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
 
 
-def validate_messages(messages: Any) -> list[Message]:
+def validate_messages(messages: Any, *, answered: bool = True) -> list[Message]:
+    """Check OpenAI chat messages; raise ``InvalidRequestError`` naming the first wrong field.
+
+    ``answered``: every tool call must have its result later in the list, as a request sent
+    to a provider must (False for an answer on its own, whose calls the agent has yet to run).
+    """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidRequestError("messages", "must be a non-empty list of message objects")
     out: list[Message] = []
-    open_calls: dict[str, int] = {}
+    open_calls: dict[str, int] = {}  # call id -> the assistant message making it
+    results: set[str] = set()
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -235,9 +241,15 @@ def validate_messages(messages: Any) -> list[Message]:
                 raise InvalidRequestError(f"{where}.tool_call_id", "a tool message needs the id of the call it answers")
             if call_id not in open_calls:
                 raise InvalidRequestError(f"{where}.tool_call_id", f"{call_id!r} answers no earlier assistant tool call")
+            results.add(call_id)
         elif content is None:
             raise InvalidRequestError(f"{where}.content", f"a {role} message needs content")
         out.append(m)
+    # Providers reject a tool call without its result, and trimming keeps the two together.
+    for call_id, i in open_calls.items() if answered else ():
+        if call_id not in results:
+            j = next(k for k, c in enumerate(out[i]["tool_calls"]) if c["id"] == call_id)
+            raise InvalidRequestError(f"messages[{i}].tool_calls[{j}]", f"call {call_id!r} has no tool result after it")
     return out
 
 
@@ -357,7 +369,8 @@ class Attempt:
     energy: Energy
     cost_usd: float
     label: str | None = None
-    evidence: Mapping[str, Any] | None = None  # TierResult.evidence
+    evidence: Mapping[str, Any] | None = None  # TierResult.evidence, and what trimming did ("trim")
+    prefix_tokens: int = 0  # input tokens repeating the start of this tier's previous request in the session
 
 
 @dataclass(frozen=True)
@@ -397,6 +410,10 @@ class StepRecord:
     request: dict[str, Any] = field(default_factory=dict, compare=False)
     response: Message = field(default_factory=dict, compare=False)
     quality: Quality | None = None  # set by replays, which know the reference answer
+    input_tokens_prefix: int = 0  # of input_tokens_sent, those repeating the answering tier's previous request in the session
+    # The answering tier's trimming (``milliwatt.trimming.Trimmed``), in memory only: a replay
+    # audits it against the reference answer. Not stored.
+    trimmed: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from milliwatt import Energy, Milliwatt, Step, TierResult, accounting, energy
+from milliwatt import Energy, Milliwatt, Step, TierResult, energy, tokens
 from milliwatt.accounting import Accountant
 from milliwatt.testing import ScriptedTier
 from milliwatt.tokens import count_completion, count_request
@@ -44,9 +44,9 @@ def test_memoised_counts_equal_the_plain_count():
 
 def test_a_growing_context_tokenises_only_its_new_messages_and_the_tools_once(monkeypatch):
     counted: list[str] = []
-    real_message, real_tools = accounting.message_tokens, accounting.tools_tokens
-    monkeypatch.setattr(accounting, "message_tokens", lambda m, enc: counted.append(m["role"]) or real_message(m, enc))
-    monkeypatch.setattr(accounting, "tools_tokens", lambda t, enc: counted.append("tools") or real_tools(t, enc))
+    real_message, real_tools = tokens.message_tokens, tokens.tools_tokens
+    monkeypatch.setattr(tokens, "message_tokens", lambda m, enc: counted.append(m["role"]) or real_message(m, enc))
+    monkeypatch.setattr(tokens, "tools_tokens", lambda t, enc: counted.append("tools") or real_tools(t, enc))
     acc = Accountant("openai/gpt-4o")
     first = Step.create(conversation(3), tools=TOOLS)
     acc.tokens_raw(first)
@@ -70,7 +70,7 @@ async def test_the_cascade_tokenises_and_estimates_off_the_event_loop(monkeypatc
         return wrapped
 
     for name in ("message_tokens", "tools_tokens"):
-        monkeypatch.setattr(accounting, name, spy(name, getattr(accounting, name)))
+        monkeypatch.setattr(tokens, name, spy(name, getattr(tokens, name)))
     ecologits = energy._ecologits_output
     ecologits.cache_clear()
 

@@ -148,7 +148,7 @@ def _trace_step(data: Any, path: Path, record: str) -> TraceStep:
     try:
         # The checks the replay's own Milliwatt.step would make, made now for the whole file.
         Step.create(data.get("messages"), tools=data.get("tools"), tool_choice=data.get("tool_choice"))
-        answer = validate_messages([data["answer"]])[0]
+        answer = validate_messages([data["answer"]], answered=False)[0]
     except InvalidRequestError as e:
         field = e.field if e.field.startswith("tools") else e.field.replace("messages[0]", "answer", 1)
         raise TraceError(path, record, f"{field}: {e.problem}") from None

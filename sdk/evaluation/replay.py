@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .importers import FORMATS, Trace, TraceError, TraceStep, load_trace
-from milliwatt.types import StepMeta, StepRecord
+from milliwatt.types import Message, StepMeta, StepRecord
 
 if TYPE_CHECKING:
     from milliwatt.cascade import RecordSink
@@ -60,11 +60,28 @@ class QualitySink:
         step = self._steps.get(record.meta.extra.get(REPLAY_ID))
         if step is not None and record.response:
             record = replace(record, quality=self._judge(record.response, step.reference, step.tools))
+            record = audited(record, step.answer)
         await self.inner.write(record)
 
     async def aclose(self) -> None:
         if hasattr(self.inner, "aclose"):
             await self.inner.aclose()
+
+
+def audited(record: StepRecord, recorded: Message) -> StepRecord:
+    """The record with its answering attempt's trimming audited against the recorded answer
+    (``trim.lost`` in the attempt's evidence; ``{}``: nothing the answer used was removed)."""
+    from milliwatt.trimming import lost_content
+
+    if record.trimmed is None or not record.trimmed.stages:
+        return record
+    lost = lost_content(record.trimmed, recorded)
+    attempts = tuple(
+        replace(a, evidence={**a.evidence, "trim": {**a.evidence["trim"], "lost": lost}})
+        if a.outcome == "answered" and a.evidence and "trim" in a.evidence else a
+        for a in record.attempts
+    )  # fmt: skip
+    return replace(record, attempts=attempts)
 
 
 def frontier_of(trace: Trace, steps: list[TraceStep]) -> tuple[str, str]:
@@ -203,7 +220,7 @@ async def _warm_cache(mw: Any, rows: list[dict[str, Any]]) -> None:
             request.pop("messages"), tools=request.pop("tools", None), tool_choice=request.pop("tool_choice", None),
             response_format=request.pop("response_format", None), options=request, meta=StepMeta(tenant=row["tenant"]),
         )  # fmt: skip
-        asked = mw.cascade.trimmer.trim(step, cache.token_budget).step
+        asked = mw.cascade.trimmers[cache.name].trim(step, cache.token_budget).step
         await cache.remember(asked, json.loads(row["response_json"]), row["tier"], model=row["model"])
 
 

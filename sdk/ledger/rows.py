@@ -43,6 +43,7 @@ def step_row(r: StepRecord) -> dict[str, Any]:
         "label": r.label,
         "input_tokens_raw": r.input_tokens_raw,
         "input_tokens_sent": r.input_tokens_sent,
+        "input_tokens_prefix": r.input_tokens_prefix,
         "output_tokens": r.output_tokens,
         "latency_ms": r.latency_s * 1000.0,
         **_energy_cols(r.energy),
@@ -90,6 +91,7 @@ def _attempt_row(step_id: str, ordinal: int, a: Attempt) -> dict[str, Any]:
         **_energy_cols(a.energy),
         "cost_usd": a.cost_usd,
         "evidence_json": None if a.evidence is None else to_json(a.evidence),
+        "prefix_tokens": a.prefix_tokens,
     }
 
 

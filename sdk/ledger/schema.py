@@ -28,6 +28,7 @@ OUTCOMES = ("answered", "passed", "skipped", "error", "cancelled", "shadow")
 FAULT_KINDS = ("spooled", "imported", "dropped", "retried")
 
 
+
 class Base(DeclarativeBase):
     pass
 
@@ -85,6 +86,12 @@ class StepRow(Base):
     quality_detail: Mapped[str | None] = _col(Text, "why the measure decided so, in words (e.g. the argument that differed)")
     # Added by 0003_ledger_faults; last, as ALTER TABLE ADD COLUMN puts it.
     user_id: Mapped[str | None] = _col(Text, "end user the step ran for, as OpenAI's `user`: an opaque id the caller chose")
+    # Added by 0005_prefix_tokens.
+    input_tokens_prefix: Mapped[int | None] = _col(
+        Integer,
+        "of the input tokens sent to the answering tier, those repeating the start of the request that tier was sent before in the same session (what a provider's prompt cache can serve); null before 0005",
+        "tokens",
+    )
 
 
 class AttemptRow(Base):
@@ -114,8 +121,14 @@ class AttemptRow(Base):
     # Added by 0004_attempt_evidence.
     evidence_json: Mapped[str | None] = _col(
         Text,
-        "what the tier decided on, as JSON: for the cache, its best candidates (answer, template, features, gate score and version); for a shadow check, the answer it got; null when the tier records none",
+        "what the tier decided on, as JSON: for the cache, its best candidates (answer, template, features, gate score and version); for a shadow check, the answer it got; `trim`: what trimming did to the request (tokens saved by strategy, tools withheld, and in replays what the recorded answer needed that it removed); `asked_for`: withheld tools the answer asked for; null when there is none",
         "JSON",
+    )
+    # Added by 0005_prefix_tokens.
+    prefix_tokens: Mapped[int | None] = _col(
+        Integer,
+        "of the input tokens this tier was sent, those repeating the start of its previous request in the same session; null before 0005",
+        "tokens",
     )
 
 

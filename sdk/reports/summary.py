@@ -59,6 +59,7 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
                 *_range("baseline_energy"),
                 _sum(s.input_tokens_raw).label("input_raw"),
                 _sum(s.input_tokens_sent).label("input_sent"),
+                _sum(s.input_tokens_prefix).label("input_prefix"),
                 _sum(s.output_tokens).label("output"),
                 _sum(s.cost_usd).label("cost"),
                 _sum(s.baseline_cost_usd).label("baseline_cost"),
@@ -103,6 +104,7 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         energy_by_kind = conn.execute(
             select(s.quality_kind, *_range("energy"), *_range("baseline_energy")).where(judged).group_by(s.quality_kind)
         ).all()
+        trimming = _trimming(conn, totals)
 
     cascade = _energy(totals, "energy")
     baseline = _energy(totals, "baseline_energy")
@@ -131,6 +133,7 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         },
         "savings_factor": savings_factor(baseline, cascade),
         "tokens": {"input_raw": totals["input_raw"], "input_sent": totals["input_sent"], "output": totals["output"]},
+        "trimming": trimming,
         "cost_usd": {"cascade": totals["cost"], "baseline": totals["baseline_cost"]},
         "latency_ms": {**latency, "mean": totals["latency_mean"], "max": totals["latency_max"]},
         "latency_ms_by_tier": {tier: {"mean": mean, "total": total} for tier, mean, total in latency_by_tier},
@@ -153,6 +156,50 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         "labels": _labels(labels),
         # Records that missed the tables: counts by kind, and what still waits in the spool.
         "ledger_faults": read_faults(engine),
+    }
+
+
+def _trimming(conn: Any, totals: Any) -> dict[str, Any]:
+    """What trimming did to the answering tiers' requests: tokens saved (by strategy), tokens
+    repeating the session's previous request, and, where a replay audited it against the
+    recorded answer, the steps that lost content (by the strategy that removed it)."""
+    a = ATTEMPTS.c
+    saved: dict[str, int] = {}
+    lost_by: dict[str, int] = {}
+    withheld = audited = lost = 0
+    rows = conn.execute(
+        select(a.evidence_json).where(a.outcome == "answered", a.evidence_json.like('%"trim"%'))
+    )  # one JSON document per trimmed step; SQLite and PostgreSQL read JSON differently, so here
+    for (raw,) in rows:
+        trim = json.loads(raw).get("trim") or {}
+        for strategy, n in (trim.get("saved") or {}).items():
+            saved[strategy] = saved.get(strategy, 0) + n
+        withheld += bool(trim.get("withheld"))
+        if "lost" in trim:
+            audited += 1
+            lost += bool(trim["lost"])
+            for strategy in trim["lost"]:
+                lost_by[strategy] = lost_by.get(strategy, 0) + 1
+    # Requests a model answered by asking for withheld tool schemas: sent, and asked again.
+    asked_steps, asked_tokens, asked_prefix = conn.execute(
+        select(func.count(a.step_id.distinct()), _sum(a.input_tokens), _sum(a.prefix_tokens))
+        .where(a.evidence_json.like('%"asked_for"%'))
+    ).one()
+    raw_tokens = totals["input_raw"]
+    sent, prefix = totals["input_sent"] + asked_tokens, totals["input_prefix"] + asked_prefix
+    return {
+        "tokens_raw": raw_tokens,
+        "tokens_sent": sent,  # the answering requests, and the requests asked again
+        "saved_share": 1 - sent / raw_tokens if raw_tokens else 0.0,
+        "asked_again": {"steps": asked_steps, "tokens": asked_tokens},
+        "saved_by_strategy": saved,
+        "prefix_tokens": prefix,
+        "prefix_share": prefix / sent if sent else None,
+        "steps_with_tools_withheld": withheld,
+        "audited_steps": audited,
+        "lost_steps": lost if audited else None,
+        "lost_share": lost / audited if audited else None,
+        "lost_by_strategy": lost_by,
     }
 
 
@@ -361,6 +408,28 @@ def _quality_lines(s: dict[str, Any]) -> list[str]:
     return out
 
 
+def _trimming_lines(t: dict[str, Any] | None) -> list[str]:
+    if not t:
+        return []
+    out = []
+    if t["saved_by_strategy"]:
+        out.append("  trimmed by: " + ", ".join(f"{k} {v:,}" for k, v in sorted(t["saved_by_strategy"].items(), key=lambda kv: -kv[1])))
+    if t["asked_again"]["steps"]:
+        out.append(
+            f"  asked again with withheld tool schemas: {t['asked_again']['steps']} step(s), "
+            f"{t['asked_again']['tokens']:,} tokens for the first requests ({100 * t['saved_share']:.1f}% fewer tokens in all)"
+        )
+    if t["prefix_share"] is not None:
+        out.append(f"  repeating the session's previous request (prompt-cacheable): {t['prefix_tokens']:,} ({100 * t['prefix_share']:.1f}% of sent)")
+    if t["audited_steps"]:
+        by = ", ".join(f"{k} {v}" for k, v in sorted(t["lost_by_strategy"].items()))
+        out.append(
+            f"  steps that lost content the recorded answer used: {t['lost_steps']} of {t['audited_steps']} "
+            f"({100 * t['lost_share']:.1f}%)" + (f"; by {by}" if by else "")
+        )
+    return out
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text report of ``summarize``'s result: ranges, methods and labels spelled out."""
     s = summary
@@ -403,6 +472,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     out += [
         "",
         f"tokens: input {tok['input_raw']:,} raw -> {tok['input_sent']:,} sent ({trimmed:.1f}% trimmed), output {tok['output']:,}",
+        *_trimming_lines(s.get("trimming")),
         f"cost: cascade ${cost['cascade']:.4f}, baseline ${cost['baseline']:.4f}",
         f"latency per step: p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, max {lat['max']:.1f} ms",
         "",
