@@ -25,8 +25,9 @@ need, and keeps the request's prefix stable, so a provider's prompt cache keeps 
 * Always offered: the tools already called in the conversation, those the configuration
   names (``always``), the one ``tool_choice`` names, and the ``retrieve`` tools a lexical
   retriever (BM25 over each tool's name, description and parameter names) ranks most
-  relevant to the latest user message (RAG-MCP, 2025). Retrieval is off by default: it
-  changes the tool list from step to step, which costs the prompt cache more than it saves.
+  relevant to the latest user message (RAG-MCP, 2025). Retrieval is off by default: it adds
+  tools from step to step, changing the tool list the prompt cache serves (measured in
+  docs/benchmarks.md: fewer tokens removed, a slightly higher input cost).
 
 Tools keep the agent's order. Statistics are kept per agent and tool set, never across.
 """
