@@ -170,6 +170,17 @@ class LocalSettings(_Section):
 
     BACKEND_KEYS: ClassVar[tuple[str, ...]] = ("model_path", "n_ctx", "n_threads", "n_gpu_layers", "seed", "max_tokens", "chat_format", "prefix_cache_mb")
 
+    @model_validator(mode="after")
+    def _budget_fits_the_window(self) -> LocalSettings:
+        # The budget is counted with the frontier's tokenizer; the window holds the prompt in
+        # the local model's tokens and the answer too, so leave the answer its room at least.
+        if self.token_budget is not None and self.token_budget + self.max_tokens > self.n_ctx:
+            raise ValueError(
+                f"token_budget ({self.token_budget}) + max_tokens ({self.max_tokens}) exceed n_ctx ({self.n_ctx}): "
+                "the local model's window must hold the trimmed step and its answer"
+            )
+        return self
+
     def backend_settings(self) -> dict[str, Any]:
         return self.model_dump(include=set(self.BACKEND_KEYS))
 

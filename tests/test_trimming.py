@@ -315,6 +315,8 @@ def test_each_tier_names_its_strategies_and_a_wrong_name_is_refused():
         load_settings({"remote": {"trim": ["summarise"]}})
     with pytest.raises(ConfigError, match=r"trim\.select_tools\.risk"):
         load_settings({"trim": {"select_tools": {"risk": -0.5}}})
+    with pytest.raises(ConfigError, match=r"local.*token_budget \(8000\) \+ max_tokens \(128\) exceed n_ctx \(4096\)"):
+        load_settings({"local": {"token_budget": 8000}})
 
 
 @pytest.mark.asyncio
