@@ -327,3 +327,28 @@ async def test_a_step_that_cannot_fit_a_tiers_budget_is_not_sent_to_it():
     assert small.seen == [] and result.tier == "big"
     first = result.record.attempts[0]
     assert first.outcome == "passed" and "exceed the tier's token budget of 20" in first.reason
+
+
+@pytest.mark.asyncio
+async def test_concurrent_steps_of_many_sessions_are_trimmed_off_the_event_loop():
+    import asyncio
+    import threading
+
+    loop_thread = threading.get_ident()
+    trimmed_in: set[int] = set()
+    select = trained()
+    apply = select.apply
+
+    def spying(draft):  # noqa: ANN001, ANN202
+        trimmed_in.add(threading.get_ident())
+        return apply(draft)
+
+    select.apply = spying  # type: ignore[method-assign]
+    remote = ScriptedTier("remote", lambda s: DONE)
+    sink = RecordingSink()
+    async with Milliwatt([remote], ledger=sink, trimmers={"remote": Trimmer([CompactJSON(), select])}) as mw:
+        steps = [mw.step(list(conversation(2).messages), tools=TOOLS, session_id=f"s{i % 5}") for i in range(20)]
+        results = await asyncio.gather(*steps)
+    assert len(results) == len(sink.records) == 20 and loop_thread not in trimmed_in
+    assert all("book" not in names(seen) for seen in remote.seen)  # every session got the narrowed list
+    assert all(r.record.input_tokens_sent < r.record.input_tokens_raw for r in results)
