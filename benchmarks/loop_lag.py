@@ -187,8 +187,10 @@ def build(api_base: str, rules_path: str, ledger_url: str | None, remote_kind: s
     from milliwatt import Milliwatt
     from milliwatt.adapters.litellm_backend import LiteLLMBackend
     from milliwatt.cache import CacheTier
+    from milliwatt.config import TrimSettings
     from milliwatt.model_tier import ModelTier
     from milliwatt.rules import RulesTier
+    from milliwatt.trimming import DEFAULT_REMOTE, build_trimmer
 
     class CallerLoopBackend(LiteLLMBackend):
         """``--remote http-caller-loop``: litellm on the caller's loop, as before the backend had
@@ -210,7 +212,9 @@ def build(api_base: str, rules_path: str, ledger_url: str | None, remote_kind: s
 
         ledger = Ledger(ledger_url)
     tiers = [RulesTier([rules_path]), CacheTier(path=None), remote]
-    return Milliwatt(tiers, frontier_model="openai/gpt-4o", ledger=ledger)
+    # The remote tier's default trimming, as Milliwatt.from_config builds it (docs/trimming.md).
+    trimmers = {"remote": build_trimmer(DEFAULT_REMOTE, TrimSettings())}
+    return Milliwatt(tiers, frontier_model="openai/gpt-4o", ledger=ledger, trimmers=trimmers)
 
 
 async def run_agents(mw: Any, agents: int, steps: int) -> dict[str, Any]:
