@@ -160,6 +160,9 @@ class LocalSettings(_Section):
     token_budget: int | None = Field(2048, ge=1)
     quantile: float = Field(0.1, ge=0, le=1)
     threshold: float = Field(0.5, ge=0, le=1)
+    # Judge every answer and accept none, so the next tier answers every step: a replay in this
+    # mode records the calibration data of ``milliwatt calibrate`` (the futility guard is off).
+    observe: bool = False
     futility: FutilitySettings | Literal[False] = Field(default_factory=FutilitySettings)
     # An unverified small-model answer must not be multiplied by the cache.
     write_back: bool = False

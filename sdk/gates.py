@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from .side_effects import ReadOnlyTools
@@ -29,11 +29,13 @@ from .types import Message, Step, content_text
 @dataclass(frozen=True)
 class GateDecision:
     """``signal`` is the confidence (the token-probability quantile) whatever the verdict,
-    so the ledger can show how close a rejected answer came."""
+    so the ledger can show how close a rejected answer came. ``evidence``: what else the gate
+    wants kept with the attempt (``attempts.evidence_json``)."""
 
     accept: bool
     signal: float
     reason: str
+    evidence: Mapping[str, Any] | None = None
 
 
 class Gate(Protocol):
@@ -202,8 +204,23 @@ class SideEffectGate:
         unsafe = self.tools.first_unsafe(completion.message, step) if decision.accept else None
         if unsafe is None:
             return decision
-        return GateDecision(False, decision.signal, f"calls {unsafe}, which is not declared read-only")
+        return GateDecision(False, decision.signal, f"calls {unsafe}, which is not declared read-only", decision.evidence)
 
     def hopeless(self, logprobs: Sequence[float], max_tokens: int) -> bool:
         hopeless = getattr(self.inner, "hopeless", None)
         return bool(hopeless and hopeless(logprobs, max_tokens))
+
+
+@dataclass(frozen=True)
+class ObservingGate:
+    """Wraps a gate: judge every answer, accept none (``local.observe``). The step goes on to
+    the next tier, whose answer is the reference every recorded local answer can be judged
+    against: a replay in this mode is calibration data for ``milliwatt calibrate``. Decoding
+    is never cut short (no ``hopeless``): the features of the whole answer are recorded."""
+
+    inner: Gate
+
+    def check(self, step: Step, completion: Completion) -> GateDecision:
+        d = self.inner.check(step, completion)
+        evidence = {**(d.evidence or {}), "would_accept": d.accept}
+        return GateDecision(False, d.signal, f"observe: would {'accept' if d.accept else 'pass'} ({d.reason})", evidence)

@@ -20,6 +20,7 @@ import time
 from .energy import CpuCoefficients, RemoteEnergyModel, cpu_energy
 from .errors import BackendError
 from .gates import Gate
+from .local_features import FEATURES_VERSION, answer_features
 from .redaction import redact
 from .tier import Completion, ModelBackend, Tier, current_spend
 from .types import Energy, Step, TierResult
@@ -86,9 +87,17 @@ class ModelTier(Tier):
         if self.gate is None:
             return TierResult(self.name, completion.message, f"{self.name} model answered", **common)
         decision = self.gate.check(step, completion)
+        # Every gated answer is kept with what it looked like, accepted or not: a ledger of
+        # them, judged against the next tier's answers, is what a gate is calibrated on.
+        evidence = {
+            "answer": completion.message,
+            "features": answer_features(step, completion),
+            "features_version": FEATURES_VERSION,
+            **(decision.evidence or {}),
+        }
         if not decision.accept:
-            return TierResult.passed(self.name, decision.reason, signal=decision.signal, **common)
-        return TierResult(self.name, completion.message, decision.reason, signal=decision.signal, **common)
+            return TierResult.passed(self.name, decision.reason, signal=decision.signal, evidence=evidence, **common)
+        return TierResult(self.name, completion.message, decision.reason, signal=decision.signal, evidence=evidence, **common)
 
     def _energy(self, completion: Completion, latency_s: float) -> Energy:
         if completion.cpu_seconds is not None:

@@ -33,11 +33,12 @@ disagrees under the reference's measure.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from milliwatt.types import Message, Quality, content_text
@@ -400,3 +401,61 @@ def text_match(answer: Message, reference: str) -> Quality:
         detail += f"; the same {len(want)} value(s)" if want else "; no values in either"
     agrees = score >= TEXT_F1_THRESHOLD and not missing and not added
     return Quality("text_token_f1", "proxy", agrees, score, detail)
+
+
+# --------------------------------------------------------------------------- values in context
+# What an answer states or passes to a tool, and whether the context holds it: the trimming
+# audit (did trimming remove a value the answer used?) and the local gate (did the model copy
+# its values, or invent them?) ask the same question.
+
+
+@functools.lru_cache(maxsize=16384)
+def _values(text: str) -> frozenset[str]:
+    """The salient values of a text; of a JSON text, those of its leaves (so that the same
+    values written compactly or spaced, as ``compact_json`` rewrites them, are the same)."""
+    if not text:
+        return frozenset()
+    if text.lstrip()[:1] in ("{", "["):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            pass
+        else:
+            return frozenset().union(*(salient_values(leaf) for leaf in _leaves(parsed)))
+    return frozenset(salient_values(text))
+
+
+def _leaves(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        yield str(value)
+
+
+def _call_values(message: Message) -> set[str]:
+    out: set[str] = set()
+    for call in message.get("tool_calls") or []:
+        try:
+            args = json.loads(call["function"].get("arguments") or "{}")
+        except ValueError:
+            args = call["function"].get("arguments") or ""
+        for leaf in _leaves(args):
+            out |= _values(leaf)
+    return out
+
+
+def answer_values(answer: Message) -> set[str]:
+    """The values an answer states or passes to a tool (argument values, not their names)."""
+    return set(_values(content_text(answer.get("content")))) | _call_values(answer)
+
+
+def context_values(messages: Iterable[Message]) -> set[str]:
+    out: set[str] = set()
+    for m in messages:
+        out |= _values(content_text(m.get("content")))
+        out |= _call_values(m)
+    return out

@@ -74,13 +74,15 @@ def _local(section: LocalSettings, settings: Settings) -> Tier:
     from milliwatt.adapters.llama_cpp import LlamaCppBackend
 
     from .futility import FutilityGuard
-    from .gates import ConfidenceGate, Gate, SideEffectGate
+    from .gates import ConfidenceGate, Gate, ObservingGate, SideEffectGate
     from .model_tier import ModelTier
     from .side_effects import ReadOnlyTools
 
     gate: Gate = ConfidenceGate(section.quantile, section.threshold)
     if section.tool_calls == "read_only":
         gate = SideEffectGate(gate, ReadOnlyTools(settings.tool_cache_policy()))
+    if section.observe:
+        gate = ObservingGate(gate)
     tier: Tier = ModelTier(
         "local",
         LlamaCppBackend(**section.backend_settings()),
@@ -89,7 +91,7 @@ def _local(section: LocalSettings, settings: Settings) -> Tier:
         cpu=cpu_coefficients(settings),
         write_back=section.write_back,
     )
-    if section.futility is False:
+    if section.futility is False or section.observe:  # observing judges every step
         return tier
     return FutilityGuard(tier, **section.futility.model_dump())
 

@@ -12,7 +12,8 @@ from conftest_models import local_backend  # noqa: F401 - session fixture
 
 from milliwatt.adapters import LlamaCppBackend
 from milliwatt.adapters.tool_grammar import allowed_continuations, answer_schema, chat_messages, choice_spans, decision_mask
-from milliwatt.gates import ConfidenceGate, SideEffectGate, probability_quantile
+from milliwatt.gates import ConfidenceGate, ObservingGate, SideEffectGate, probability_quantile
+from milliwatt.local_features import FEATURES, FEATURES_VERSION, answer_features
 from milliwatt.model_tier import ModelTier
 from milliwatt.side_effects import ReadOnlyTools
 from milliwatt.tier import Completion
@@ -324,3 +325,37 @@ async def test_untyped_arguments_get_a_grammar_and_unbuildable_ones_pass(local_b
     tier = ModelTier("local", local_backend, gate=ConfidenceGate())
     result = await tier.attempt(Step.create([{"role": "user", "content": "hi"}], tools=[broken]))
     assert not result.answered and "cannot be turned into a grammar" in result.reason
+
+
+# ------------------------------------------------------------------ what a local answer looks like (issue 9)
+
+
+def test_features_say_whether_the_values_were_copied_or_invented() -> None:
+    copied = answer_features(STEP, completion({"role": "assistant", "content": None, "tool_calls": [call("get_user_details", {"user_id": "mia"})]}))
+    invented = answer_features(STEP, completion({"role": "assistant", "content": None, "tool_calls": [call("get_user_details", {"user_id": "noah_7001"})]}))
+    assert set(copied) == set(FEATURES) and copied["tool_call"] == 1.0 and copied["valid"] == 1.0
+    assert copied["copied"] == 1.0 and copied["invented"] == 0.0
+    assert invented["copied"] == 0.0 and invented["invented"] > 0
+    cut = answer_features(STEP, completion({"role": "assistant", "content": "Mia is"}, logprobs=(-0.01, -2.0, -0.1), finish="length"))
+    assert cut["finished"] == 0.0 and cut["tool_call"] == 0.0 and cut["p_q00"] < cut["p_q50"] and cut["choice_p"] == 1.0
+    wrong_tool = answer_features(STEP, completion({"role": "assistant", "content": None, "tool_calls": [call("cancel", {})]}))
+    assert wrong_tool["valid"] == 0.0
+
+
+def test_an_observing_gate_judges_every_answer_and_accepts_none() -> None:
+    answer = completion({"role": "assistant", "content": None, "tool_calls": [call("get_user_details", {"user_id": "mia"})]})
+    d = ObservingGate(ConfidenceGate()).check(STEP, answer)
+    assert not d.accept and d.evidence == {"would_accept": True} and d.reason.startswith("observe: would accept (confidence")
+    unsure = ObservingGate(ConfidenceGate()).check(STEP, completion(answer.message, logprobs=(-3.0,) * 5))
+    assert unsure.evidence == {"would_accept": False} and unsure.reason.startswith("observe: would pass")
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="session")
+async def test_every_local_answer_is_recorded_with_its_features(local_backend: LlamaCppBackend) -> None:  # noqa: F811
+    tier = ModelTier("local", local_backend, gate=ObservingGate(ConfidenceGate()))
+    result = await tier.attempt(STEP)
+    assert not result.answered and result.reason.startswith("observe: would")
+    evidence = result.evidence
+    assert evidence["answer"]["role"] == "assistant" and set(evidence["features"]) == set(FEATURES)
+    assert evidence["features_version"] == FEATURES_VERSION and isinstance(evidence["would_accept"], bool)

@@ -61,7 +61,20 @@ class QualitySink:
         if step is not None and record.response:
             record = replace(record, quality=self._judge(record.response, step.reference, step.tools))
             record = audited(record, step.answer)
+        if step is not None:
+            record = self._judge_gated(record, step)
         await self.inner.write(record)
+
+    def _judge_gated(self, record: StepRecord, step: TraceStep) -> StepRecord:
+        """Judge every answer a gated tier made (``evidence.answer``), accepted or not, by the
+        measure the step is judged by: ``milliwatt calibrate`` learns from these verdicts."""
+
+        def judged(a: Any) -> Any:
+            q = self._judge(a.evidence["answer"], step.reference, step.tools)
+            return replace(a, evidence={**a.evidence, "quality": {"metric": q.metric, "kind": q.kind, "agrees": q.agrees}})
+
+        attempts = tuple(judged(a) if a.evidence and "features" in a.evidence and a.evidence.get("answer") else a for a in record.attempts)
+        return replace(record, attempts=attempts) if attempts != record.attempts else record
 
     async def aclose(self) -> None:
         if hasattr(self.inner, "aclose"):

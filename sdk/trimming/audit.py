@@ -13,66 +13,9 @@ could not have removed them.
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Iterable, Iterator
-from typing import Any
-
-from ..quality import salient_values
-from ..types import Message, content_text
+from ..quality import answer_values, context_values
+from ..types import Message
 from .base import Trimmed
-
-
-@functools.lru_cache(maxsize=16384)
-def _values(text: str) -> frozenset[str]:
-    """The salient values of a text; of a JSON text, those of its leaves (so that the same
-    values written compactly or spaced, as ``compact_json`` rewrites them, are the same)."""
-    if not text:
-        return frozenset()
-    if text.lstrip()[:1] in ("{", "["):
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            pass
-        else:
-            return frozenset().union(*(salient_values(leaf) for leaf in _leaves(parsed)))
-    return frozenset(salient_values(text))
-
-
-def _leaves(value: Any) -> Iterator[str]:
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from _leaves(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _leaves(v)
-    elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        yield str(value)
-
-
-def _call_values(message: Message) -> set[str]:
-    out: set[str] = set()
-    for call in message.get("tool_calls") or []:
-        try:
-            args = json.loads(call["function"].get("arguments") or "{}")
-        except ValueError:
-            args = call["function"].get("arguments") or ""
-        for leaf in _leaves(args):
-            out |= _values(leaf)
-    return out
-
-
-def answer_values(answer: Message) -> set[str]:
-    """The values an answer states or passes to a tool (argument values, not their names)."""
-    return set(_values(content_text(answer.get("content")))) | _call_values(answer)
-
-
-def context_values(messages: Iterable[Message]) -> set[str]:
-    out: set[str] = set()
-    for m in messages:
-        out |= _values(content_text(m.get("content")))
-        out |= _call_values(m)
-    return out
 
 
 def lost_content(trimmed: Trimmed, answer: Message) -> dict[str, list[str]]:
