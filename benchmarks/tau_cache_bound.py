@@ -34,7 +34,8 @@ from typing import Any
 
 import yaml
 
-from milliwatt.cache.calibrate import calibrate, ledger_steps, read_labelled
+from milliwatt.cache.calibrate import calibrate, read_labelled
+from milliwatt.ledger import ledger_steps
 from milliwatt.evaluation.importers import load_trace
 from milliwatt.evaluation.replay import replay
 

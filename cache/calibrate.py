@@ -22,24 +22,19 @@ gate is written as a versioned JSON file; ``cache.gate`` in the configuration re
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from milliwatt.calibration import LogisticScorer, fit_logistic
-from milliwatt.errors import MilliwattError
+from milliwatt.calibration import CalibrationError, LogisticScorer, fit_logistic, split_sessions
+from milliwatt.ledger import ledger_steps
 from milliwatt.quality import agreement
 
 from .evidence import ALL_FEATURES, HitGate, certify
 
 DEFAULT_TARGET = 0.02
-
-
-class CalibrationError(MilliwattError, ValueError):
-    """A ledger holds too little to calibrate on (``milliwatt cache calibrate`` exits 2 with it)."""
 
 
 @dataclass
@@ -98,28 +93,8 @@ def labelled_candidates(steps: Iterable[dict[str, Any]], *, reference_tier: str 
     return out
 
 
-def ledger_steps(ledger: str | Path) -> list[dict[str, Any]]:
-    """Every step of a ledger with its attempts (``milliwatt.ledger.read_steps``), read only: a
-    missing file or a non-ledger is a ``LedgerError``."""
-    from milliwatt.ledger import read_steps
-    from milliwatt.ledger.engine import open_existing
-
-    engine, _ = open_existing(ledger)
-    try:
-        return read_steps(engine)
-    finally:
-        engine.dispose()
-
-
 def read_labelled(ledger: str | Path, *, reference_tier: str = "remote") -> Labelled:
     return labelled_candidates(ledger_steps(ledger), reference_tier=reference_tier)
-
-
-def split_sessions(sessions: set[str], share: float, seed: int) -> set[str]:
-    """The sessions that certify (about ``share`` of them); the others fit the scorer."""
-    names = sorted(sessions)
-    random.Random(seed).shuffle(names)
-    return set(names[: round(len(names) * share)])
 
 
 def fit(labelled: Labelled, *, target: float, confidence: float = 0.95, seed: int = 0, certify_share: float = 0.5, fitted_on: str) -> HitGate:

@@ -40,10 +40,11 @@ from typing import Any
 import numpy as np
 from milliwatt.calibration import (
     DEFAULT_CONFIDENCE,
+    Calibration,
     LogisticScorer,
     Threshold,
-    choose_threshold,
     fit_logistic,
+    read_json_file,
 )
 from milliwatt.errors import ConfigError
 
@@ -245,31 +246,6 @@ def text_features(query: str, stored: str, cosine: float) -> dict[str, float]:
 # ---------------------------------------------------------------------- the gate
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """The held-out examples a gate's threshold was certified on: the scorer's score of each
-    and whether serving it was right."""
-
-    scores: tuple[float, ...]
-    correct: tuple[bool, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"scores": list(self.scores), "correct": [int(c) for c in self.correct]}
-
-    @classmethod
-    def from_json(cls, data: Any) -> Calibration:
-        if not isinstance(data, dict):
-            raise ValueError(f"calibration must be an object, got {type(data).__name__}")
-        scores, correct = data.get("scores"), data.get("correct")
-        if not isinstance(scores, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scores):
-            raise ValueError("calibration.scores must be a list of finite numbers")
-        if not isinstance(correct, list) or not all(c in (0, 1) and not isinstance(c, float) for c in correct):
-            raise ValueError("calibration.correct must be a list of 0 and 1")
-        if len(scores) != len(correct):
-            raise ValueError(f"calibration has {len(scores)} scores but {len(correct)} correct flags")
-        return cls(tuple(float(x) for x in scores), tuple(bool(c) for c in correct))
-
-
 @dataclass
 class HitGate:
     """Serve a candidate only when its evidence scores at or above a certified threshold.
@@ -317,8 +293,7 @@ class HitGate:
         if self.calibration is None:
             raise ValueError("this gate carries no calibration pairs: refit it (fit_gate) for another target")
         conf = self.threshold.confidence if confidence is None else confidence
-        threshold = choose_threshold(self.calibration.scores, self.calibration.correct, target_error=target_error, confidence=conf)
-        return replace(self, threshold=threshold)
+        return replace(self, threshold=self.calibration.threshold(target_error, conf))
 
     def check(self, query: str, stored: str, cosine: float) -> tuple[bool, float]:
         """``accepts(text_features(query, stored, cosine))``: the whole decision for one candidate."""
@@ -347,18 +322,7 @@ class HitGate:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> HitGate:
         """Read a gate file; anything untrustworthy raises ``ConfigError`` whose ``where`` is the path."""
-        where = str(path)
-        try:
-            raw = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(where, "cache gate file not found") from None
-        except OSError as e:
-            raise ConfigError(where, f"cannot read the cache gate file: {e.strerror or e}") from None
-        try:
-            doc = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ConfigError(where, f"cache gate file is not valid JSON: {e.msg} at line {e.lineno}") from None
-        return cls.from_json(doc, where=where)
+        return cls.from_json(read_json_file(path, "cache gate"), where=str(path))
 
     @classmethod
     def from_json(cls, doc: Any, *, where: str = "cache gate") -> HitGate:
@@ -474,7 +438,7 @@ def certify(
     served, and certify on those, so the bound is on the population the gate will face.
     """
     calibration = Calibration(tuple(float(s) for s in scores), tuple(bool(c) for c in correct))
-    threshold = choose_threshold(calibration.scores, calibration.correct, target_error=target_error, confidence=confidence)
+    threshold = calibration.threshold(target_error, confidence)
     created = _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
     return HitGate(scorer, threshold, EVIDENCE_VERSION, fitted_on, created, calibration)
 

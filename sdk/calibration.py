@@ -23,14 +23,24 @@ gate stay light (pure Python at lookup time).
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .errors import ConfigError, MilliwattError
+
 DEFAULT_CONFIDENCE = 0.95
+
+
+class CalibrationError(MilliwattError, ValueError):
+    """A ledger holds too little to calibrate on (the calibrate commands exit 2 with it)."""
 
 
 def clopper_pearson_upper(errors: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> float:
@@ -309,3 +319,59 @@ def _sigmoid(z: float) -> float:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# ---------------------------------------------------------------------- what a gate file keeps
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The held-out examples a gate's threshold was certified on: the scorer's score of each
+    and whether accepting it was right. Kept in the gate file, so the threshold can be
+    certified again for another target (``choose_threshold``) without the original data."""
+
+    scores: tuple[float, ...]
+    correct: tuple[bool, ...]
+
+    def threshold(self, target_error: float, confidence: float = DEFAULT_CONFIDENCE) -> Threshold:
+        return choose_threshold(self.scores, self.correct, target_error=target_error, confidence=confidence)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scores": list(self.scores), "correct": [int(c) for c in self.correct]}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Calibration:
+        if not isinstance(data, dict):
+            raise ValueError(f"calibration must be an object, got {type(data).__name__}")
+        scores, correct = data.get("scores"), data.get("correct")
+        if not isinstance(scores, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scores):
+            raise ValueError("calibration.scores must be a list of finite numbers")
+        if not isinstance(correct, list) or not all(c in (0, 1) and not isinstance(c, float) for c in correct):
+            raise ValueError("calibration.correct must be a list of 0 and 1")
+        if len(scores) != len(correct):
+            raise ValueError(f"calibration has {len(scores)} scores but {len(correct)} correct flags")
+        return cls(tuple(float(x) for x in scores), tuple(bool(c) for c in correct))
+
+
+def split_sessions(sessions: set[str], share: float, seed: int) -> set[str]:
+    """The sessions that certify (about ``share`` of them, seeded); the others fit the scorer.
+    A conversation's steps are alike, so a split is by session, never by step."""
+    names = sorted(sessions)
+    random.Random(seed).shuffle(names)
+    return set(names[: round(len(names) * share)])
+
+
+def read_json_file(path: str | os.PathLike[str], what: str) -> Any:
+    """A gate file's JSON; a missing, unreadable or invalid file is a ``ConfigError`` whose
+    ``where`` is the path (a gate is read at start-up, never inside a step)."""
+    where = str(path)
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(where, f"{what} file not found") from None
+    except OSError as e:
+        raise ConfigError(where, f"cannot read the {what} file: {e.strerror or e}") from None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConfigError(where, f"{what} file is not valid JSON: {e.msg} at line {e.lineno}") from None

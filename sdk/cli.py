@@ -11,6 +11,7 @@ from .errors import MilliwattError
 from .evaluation.cache_bench import add_arguments as cache_bench_arguments
 from .evaluation.replay import add_arguments as replay_arguments
 from .evaluation.replay import run as run_replay
+from .local_gate import add_arguments as local_calibrate_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--html", metavar="OUT", help="also write a self-contained HTML page with charts")
     report.add_argument("--png-dir", metavar="DIR", help="with --html: also write each chart as PNG here")
     replay_arguments(sub.add_parser("replay", help="replay recorded agent traffic through the cascade; judge each answer"))
+    local_calibrate_arguments(sub.add_parser("calibrate", help="fit the local tier's gate to a precision from the answers a ledger recorded"))
     rules = sub.add_parser("rules", help="work with rule packs")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_sub.add_parser("check", help="validate rule files; print every error with file and line")
@@ -69,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"HTML report: {page}", file=sys.stderr)
         elif args.command == "replay":
             return run_replay(args)
+        elif args.command == "calibrate":
+            from .local_gate import run as run_local_calibrate
+
+            return run_local_calibrate(args)
         elif args.command == "cache" and args.cache_command == "bench":
             from .evaluation.cache_bench import run as run_cache_bench
 

@@ -160,6 +160,10 @@ class LocalSettings(_Section):
     token_budget: int | None = Field(2048, ge=1)
     quantile: float = Field(0.1, ge=0, le=1)
     threshold: float = Field(0.5, ge=0, le=1)
+    # A gate file written by ``milliwatt calibrate`` (docs/local.md): it replaces the fixed
+    # quantile/threshold gate, accepting at a threshold certified for ``precision``.
+    gate: str | None = None
+    precision: float = Field(0.98, gt=0, lt=1)
     # Judge every answer and accept none, so the next tier answers every step: a replay in this
     # mode records the calibration data of ``milliwatt calibrate`` (the futility guard is off).
     observe: bool = False

@@ -87,6 +87,20 @@ def tool_call_problem(step: Step, message: Message) -> str | None:
     return None
 
 
+def answer_problem(step: Step, completion: Completion) -> str | None:
+    """Why an answer can never stand, whatever its confidence, or None: cut off at
+    ``max_tokens`` (or stopped early), empty, breaking the tools contract, or repeating an
+    earlier call."""
+    msg = completion.message
+    if completion.extra.get("aborted"):
+        return "stopped early: it could no longer pass"
+    if completion.extra.get("finish_reason") == "length":
+        return "hit max_tokens before finishing"
+    if not msg.get("tool_calls") and not content_text(msg.get("content")).strip():
+        return "empty answer"
+    return tool_call_problem(step, msg) or repeated_call(step, msg)
+
+
 def repeated_call(step: Step, message: Message) -> str | None:
     """A tool call identical to one the conversation already made, or None.
 
@@ -163,15 +177,10 @@ class ConfidenceGate:
         return math.log(self.threshold) if self.threshold > 0 else -math.inf
 
     def check(self, step: Step, completion: Completion) -> GateDecision:
-        msg = completion.message
         signal = probability_quantile(completion.token_logprobs, self.quantile) if completion.token_logprobs else 0.0
         if completion.extra.get("aborted"):
             return GateDecision(False, signal, f"stopped early: too many tokens below p={self.threshold:.2f} to pass")
-        if completion.extra.get("finish_reason") == "length":
-            return GateDecision(False, signal, "hit max_tokens before finishing")
-        if not msg.get("tool_calls") and not content_text(msg.get("content")).strip():
-            return GateDecision(False, signal, "empty answer")
-        problem = tool_call_problem(step, msg) or repeated_call(step, msg)
+        problem = answer_problem(step, completion)
         if problem:
             return GateDecision(False, signal, problem)
         if not completion.token_logprobs and not completion.choice_logprobs:

@@ -78,7 +78,13 @@ def _local(section: LocalSettings, settings: Settings) -> Tier:
     from .model_tier import ModelTier
     from .side_effects import ReadOnlyTools
 
-    gate: Gate = ConfidenceGate(section.quantile, section.threshold)
+    gate: Gate
+    if section.gate is not None:
+        from .local_gate import CalibratedGate, load_local_gate
+
+        gate = CalibratedGate(load_local_gate(section.gate, section.precision))  # a bad file stops the start-up
+    else:
+        gate = ConfidenceGate(section.quantile, section.threshold)
     if section.tool_calls == "read_only":
         gate = SideEffectGate(gate, ReadOnlyTools(settings.tool_cache_policy()))
     if section.observe:

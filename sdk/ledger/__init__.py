@@ -35,7 +35,7 @@ from .engine import (
 from .errors import LedgerError
 from .faults import fault_row
 from .migrate import MIGRATIONS, UNVERSIONED_REVISION, head_revision, ledger_revision, upgrade_to_head
-from .reader import fault_lines, read_faults, read_steps
+from .reader import fault_lines, ledger_steps, read_faults, read_steps
 from .rows import attempt_rows, iso_utc, record_rows, step_row
 from .schema import (
     ATTEMPTS,
@@ -91,6 +91,7 @@ __all__ = [
     "make_engine",
     "open_existing",
     "read_faults",
+    "ledger_steps",
     "read_steps",
     "record_rows",
     "spool_path",

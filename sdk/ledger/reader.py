@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from contextlib import nullcontext
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
-from .engine import display_name, spool_path, sqlite_file
+from .engine import display_name, open_existing, spool_path, sqlite_file
 from .schema import ATTEMPTS, FAULT_KINDS, FAULTS, STEPS
 from .spool import Spool
 
@@ -76,3 +77,13 @@ def fault_lines(faults: dict[str, Any] | None) -> list[str]:
     if waiting:
         line += f"; {waiting} record(s) wait in the spool {faults.get('spool')} for the next open of the ledger"
     return [line]
+
+
+def ledger_steps(ledger: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every step of a ledger with its attempts (``read_steps``), opened read only: a missing
+    file or a non-ledger is a ``LedgerError``. What the calibrate commands learn from."""
+    engine, _ = open_existing(ledger)
+    try:
+        return read_steps(engine)
+    finally:
+        engine.dispose()

@@ -37,7 +37,8 @@ EVIDENCE_BEFORE = (
 )
 EVIDENCE_AFTER = (
     "what the tier decided on, as JSON: for the cache, its best candidates (answer, template, features, gate "
-    "score and version); for a shadow check, the answer it got; `trim`: what trimming did to the request (tokens "
+    "score and version); for a shadow check, the answer it got; for a gated model tier (local), its answer, "
+    "features and gate score, and in replays the verdict on it; `trim`: what trimming did to the request (tokens "
     "saved by strategy, tools withheld, and in replays what the recorded answer needed that it removed); "
     "`asked_for`: withheld tools the answer asked for; null when there is none"
 )
