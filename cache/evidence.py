@@ -44,6 +44,7 @@ from milliwatt.calibration import (
     LogisticScorer,
     Threshold,
     fit_logistic,
+    read_gate_document,
     read_json_file,
 )
 from milliwatt.errors import ConfigError
@@ -326,28 +327,10 @@ class HitGate:
 
     @classmethod
     def from_json(cls, doc: Any, *, where: str = "cache gate") -> HitGate:
-        if not isinstance(doc, dict) or doc.get("format") != GATE_FORMAT:
-            got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-            raise ConfigError(where, f"not a milliwatt cache gate (format {got!r}, expected {GATE_FORMAT!r})")
-        if doc.get("format_version") != GATE_FORMAT_VERSION:
-            raise ConfigError(
-                where, f"cache gate format_version {doc.get('format_version')!r} is not supported (this milliwatt reads {GATE_FORMAT_VERSION})"
-            )
-        if doc.get("version") != EVIDENCE_VERSION:
-            raise ConfigError(
-                where,
-                f"gate fitted on evidence {doc.get('version')!r}, but this milliwatt computes {EVIDENCE_VERSION!r}: "
-                "its threshold is not valid for these features; refit the gate",
-            )
-        for name in ("fitted_on", "created_at"):
-            if not isinstance(doc.get(name), str):
-                raise ConfigError(where, f"{name} must be a string, got {doc.get(name)!r}")
-        try:
-            scorer = LogisticScorer.from_json(doc.get("scorer"))
-            threshold = Threshold.from_json(doc.get("threshold"))
-            calibration = None if doc.get("calibration") is None else Calibration.from_json(doc["calibration"])
-        except ValueError as e:
-            raise ConfigError(where, f"invalid cache gate: {e}") from None
+        scorer, threshold, calibration = read_gate_document(
+            doc, where, what="cache gate", format=GATE_FORMAT, format_version=GATE_FORMAT_VERSION,
+            version_key="version", version=EVIDENCE_VERSION,
+        )  # fmt: skip
         unknown = [f for f in scorer.features if f not in ALL_FEATURES]
         if unknown:
             raise ConfigError(where, f"unknown features {', '.join(unknown)} (this milliwatt computes {', '.join(ALL_FEATURES)})")

@@ -375,3 +375,32 @@ def read_json_file(path: str | os.PathLike[str], what: str) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError as e:
         raise ConfigError(where, f"{what} file is not valid JSON: {e.msg} at line {e.lineno}") from None
+
+
+def read_gate_document(
+    doc: Any, where: str, *, what: str, format: str, format_version: int, version_key: str, version: str
+) -> tuple[LogisticScorer, Threshold, Calibration | None]:
+    """The parts of a gate file (a scorer, its certified threshold, the certification pairs),
+    after checking what every gate file must say: its format and format version, the version of
+    the features its scorer was fitted on (``version_key``: a threshold is valid only for the
+    features it was certified with), when and on what it was fitted. A ``ConfigError`` naming
+    ``where`` otherwise."""
+    if not isinstance(doc, dict) or doc.get("format") != format:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ConfigError(where, f"not a milliwatt {what} (format {got!r}, expected {format!r})")
+    if doc.get("format_version") != format_version:
+        raise ConfigError(where, f"{what} format_version {doc.get('format_version')!r} is not supported (this milliwatt reads {format_version})")
+    if doc.get(version_key) != version:
+        raise ConfigError(
+            where, f"{what} fitted on features {doc.get(version_key)!r}, but this milliwatt computes {version!r}: its threshold is not valid for them; refit it"
+        )
+    for name in ("fitted_on", "created_at"):
+        if not isinstance(doc.get(name), str):
+            raise ConfigError(where, f"{name} must be a string, got {doc.get(name)!r}")
+    try:
+        scorer = LogisticScorer.from_json(doc.get("scorer"))
+        threshold = Threshold.from_json(doc.get("threshold"))
+        calibration = None if doc.get("calibration") is None else Calibration.from_json(doc["calibration"])
+    except ValueError as e:
+        raise ConfigError(where, f"invalid {what}: {e}") from None
+    return scorer, threshold, calibration

@@ -38,6 +38,7 @@ from .calibration import (
     LogisticScorer,
     Threshold,
     fit_logistic,
+    read_gate_document,
     read_json_file,
     split_sessions,
 )
@@ -98,24 +99,12 @@ class LocalGate:
     def load(cls, path: str | os.PathLike[str]) -> LocalGate:
         """Read a gate file; anything untrustworthy is a ``ConfigError`` naming the path."""
         where, doc = str(path), read_json_file(path, "local gate")
-        if not isinstance(doc, dict) or doc.get("format") != GATE_FORMAT:
-            got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-            raise ConfigError(where, f"not a milliwatt local gate (format {got!r}, expected {GATE_FORMAT!r})")
-        if doc.get("format_version") != GATE_FORMAT_VERSION:
-            raise ConfigError(where, f"local gate format_version {doc.get('format_version')!r} is not supported (this milliwatt reads {GATE_FORMAT_VERSION})")
-        if doc.get("features_version") != FEATURES_VERSION:
-            raise ConfigError(
-                where, f"gate fitted on features {doc.get('features_version')!r}, this milliwatt computes {FEATURES_VERSION!r}: refit it"
-            )
-        for name in ("fitted_on", "created_at"):
-            if not isinstance(doc.get(name), str):
-                raise ConfigError(where, f"{name} must be a string, got {doc.get(name)!r}")
-        try:
-            scorer = LogisticScorer.from_json(doc.get("scorer"))
-            threshold = Threshold.from_json(doc.get("threshold"))
-            calibration = Calibration.from_json(doc.get("calibration"))
-        except ValueError as e:
-            raise ConfigError(where, f"invalid local gate: {e}") from None
+        scorer, threshold, calibration = read_gate_document(
+            doc, where, what="local gate", format=GATE_FORMAT, format_version=GATE_FORMAT_VERSION,
+            version_key="features_version", version=FEATURES_VERSION,
+        )  # fmt: skip
+        if calibration is None:
+            raise ConfigError(where, "invalid local gate: it carries no calibration pairs")
         unknown = [f for f in scorer.features if f not in FEATURES]
         if unknown:
             raise ConfigError(where, f"unknown features {', '.join(unknown)} (this milliwatt computes {', '.join(FEATURES)})")

@@ -206,7 +206,7 @@ def _bad(tmp_path: Path, mutate) -> Path:
     [
         (lambda d: d.update(format="milliwatt-cache"), "not a milliwatt cache gate"),
         (lambda d: d.update(format_version=2), "format_version 2 is not supported"),
-        (lambda d: d.update(version="mw-evidence/0"), "refit the gate"),
+        (lambda d: d.update(version="mw-evidence/0"), "its threshold is not valid for them; refit it"),
         (lambda d: d["scorer"].update(features=["cosine", "sentiment"]), "unknown features sentiment"),
         (lambda d: d["scorer"].update(weights=[1.0]), "invalid cache gate"),
         (lambda d: d["threshold"].update(upper=3), "invalid cache gate: threshold.upper"),
