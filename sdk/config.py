@@ -164,6 +164,9 @@ class LocalSettings(_Section):
     # quantile/threshold gate, accepting at a threshold certified for ``precision``.
     gate: str | None = None
     precision: float = Field(0.98, gt=0, lt=1)
+    # Share of accepted answers the remote tier also answers, off the critical path: the
+    # report's live precision, and a calibrated gate suspends itself when it falls short.
+    shadow_share: float = Field(0.05, ge=0, le=1)
     # Judge every answer and accept none, so the next tier answers every step: a replay in this
     # mode records the calibration data of ``milliwatt calibrate`` (the futility guard is off).
     observe: bool = False

@@ -219,6 +219,11 @@ class SideEffectGate:
         hopeless = getattr(self.inner, "hopeless", None)
         return bool(hopeless and hopeless(logprobs, max_tokens))
 
+    def observe_check(self, agrees: bool) -> None:
+        observe = getattr(self.inner, "observe_check", None)
+        if observe is not None:
+            observe(agrees)
+
 
 @dataclass(frozen=True)
 class ObservingGate:

@@ -26,8 +26,9 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,13 +124,55 @@ def load_local_gate(path: str | os.PathLike[str], precision: float = DEFAULT_PRE
         raise ConfigError("local.precision", str(e)) from None
 
 
+class LiveChecks:
+    """The verdicts of shadow checks on accepted answers: live precision, with its bound."""
+
+    MIN_CHECKS = 20  # fewer verdicts suspend nothing: a bound on so few says little
+
+    def __init__(self, target_precision: float, confidence: float = DEFAULT_CONFIDENCE) -> None:
+        self.target = target_precision
+        self.confidence = confidence
+        self.checked = self.agreed = 0
+        self.suspended = False
+        self._lock = threading.Lock()
+
+    def add(self, agrees: bool) -> None:
+        from .calibration import clopper_pearson_lower
+
+        with self._lock:
+            self.checked += 1
+            self.agreed += agrees
+            wrong, n = self.checked - self.agreed, self.checked
+        # Suspend when, with this confidence, live precision is below the target: the lower
+        # bound of the error rate above what the target allows.
+        below = n >= self.MIN_CHECKS and clopper_pearson_lower(wrong, n, self.confidence) > 1 - self.target
+        with self._lock:
+            self.suspended = self.suspended or below
+
+    def describe(self) -> str:
+        return f"{self.agreed} of {self.checked} shadow-checked answers agreed"
+
+
 @dataclass(frozen=True)
 class CalibratedGate:
     """The local tier's gate with a ``LocalGate``: what can never stand is refused first
     (``answer_problem``), then the answer stands when its score reaches the certified threshold.
-    Every decision records the gate's id and the score (``attempts.evidence_json``)."""
+    Every decision records the gate's id and the score (``attempts.evidence_json``).
+
+    Live traffic may drift from the calibration data. The verdicts of shadow checks
+    (``local.shadow_share`` of accepted answers, answered again by the next tier off the
+    critical path) come back through ``observe_check``; once they show, with 95% confidence,
+    a precision below the target, the gate accepts nothing more until it is recalibrated."""
 
     gate: LocalGate
+    live: LiveChecks = field(default=None, compare=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.live is None:
+            object.__setattr__(self, "live", LiveChecks(1 - self.gate.threshold.target_error, self.gate.threshold.confidence))
+
+    def observe_check(self, agrees: bool) -> None:
+        self.live.add(agrees)
 
     def check(self, step: Step, completion: Completion) -> GateDecision:
         accept, score = self.gate.accepts(answer_features(step, completion))
@@ -137,6 +180,9 @@ class CalibratedGate:
         problem = answer_problem(step, completion)
         if problem:
             return GateDecision(False, score, problem, evidence)
+        if self.live.suspended:
+            reason = f"calibrated gate {self.gate.id} suspended: {self.live.describe()}, below {self.live.target:.0%}; recalibrate it"
+            return GateDecision(False, score, reason, evidence)
         t = self.gate.threshold
         if t.score is None:
             reason = f"calibrated gate {self.gate.id} accepts nothing at {1 - t.target_error:.0%} precision"

@@ -15,6 +15,7 @@ tier's answers are. ``write_back`` overrides either (``local.write_back: true``)
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 from .energy import CpuCoefficients, RemoteEnergyModel, cpu_energy
@@ -23,7 +24,7 @@ from .gates import Gate
 from .local_features import FEATURES_VERSION, answer_features
 from .redaction import redact
 from .tier import Completion, ModelBackend, Tier, current_spend
-from .types import Energy, Step, TierResult
+from .types import Energy, Message, Step, TierResult
 
 
 class ModelTier(Tier):
@@ -39,6 +40,7 @@ class ModelTier(Tier):
         pass_on_error: bool | None = None,
         cpu: CpuCoefficients | None = None,
         write_back: bool | None = None,
+        shadow_share: float = 0.0,
     ) -> None:
         """``energy_model``: the model whose energy estimate is charged when the backend
         reports no CPU time (default: the backend's ``energy_model`` or ``model``).
@@ -54,6 +56,12 @@ class ModelTier(Tier):
         self.pass_on_error = gate is not None if pass_on_error is None else pass_on_error
         self.cpu = cpu or CpuCoefficients()
         self.write_back = gate is None if write_back is None else write_back
+        if not 0 <= shadow_share <= 1:
+            raise ValueError(f"shadow_share must be in [0, 1], got {shadow_share}")
+        self.shadow_share = shadow_share
+        self._draw = random.Random(0).random  # which answers get a shadow check: reproducible
+        # Accepted answers awaiting their check, by the step they answered (kept, so its id stays its own).
+        self._checking: dict[int, tuple[Step, Message]] = {}
 
     async def attempt(self, step: Step) -> TierResult:
         t0 = time.perf_counter()
@@ -97,7 +105,26 @@ class ModelTier(Tier):
         }
         if not decision.accept:
             return TierResult.passed(self.name, decision.reason, signal=decision.signal, evidence=evidence, **common)
-        return TierResult(self.name, completion.message, decision.reason, signal=decision.signal, evidence=evidence, **common)
+        shadow = self.shadow_share > 0 and self._draw() < self.shadow_share
+        if shadow:
+            self._checking[id(step)] = (step, completion.message)
+            while len(self._checking) > 1024:  # checks that failed never come back
+                self._checking.pop(next(iter(self._checking)))
+        return TierResult(
+            self.name, completion.message, decision.reason, signal=decision.signal, evidence=evidence, shadow=shadow, **common
+        )
+
+    async def remember(self, step: Step, message: Message, answered_by: str, *, model: str | None = None) -> None:
+        """A later tier's answer to a step this tier was asked: the verdict of a shadow check
+        when this tier's answer to it was being checked (the gate sees whether they agree)."""
+        checked = self._checking.pop(id(step), None)
+        if checked is None or checked[0] is not step:
+            return
+        from .quality import agreement
+
+        observe = getattr(self.gate, "observe_check", None)
+        if observe is not None:  # may compute a binomial bound (scipy): off the event loop
+            await asyncio.to_thread(observe, agreement(checked[1], message).agrees)
 
     def _energy(self, completion: Completion, latency_s: float) -> Energy:
         if completion.cpu_seconds is not None:

@@ -96,6 +96,7 @@ def _local(section: LocalSettings, settings: Settings) -> Tier:
         token_budget=section.token_budget,
         cpu=cpu_coefficients(settings),
         write_back=section.write_back,
+        shadow_share=0.0 if section.observe else section.shadow_share,
     )
     if section.futility is False or section.observe:  # observing judges every step
         return tier

@@ -3,6 +3,7 @@ answer with its features and the replay's verdict on it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
@@ -153,3 +154,62 @@ def test_calibrate_fits_a_gate_file_from_a_ledger(tmp_path, capsys):
     gate = LocalGate.load(out)
     assert gate.threshold.score is not None and gate.threshold.upper <= 0.05 and "900 labelled local answers" in gate.fitted_on
     assert main(["calibrate", str(tmp_path / "none.db"), "--out", str(out)]) == 2  # not a ledger: a clean error
+
+
+# --------------------------------------------------------------------------- live shadow checks
+
+from milliwatt import Milliwatt  # noqa: E402
+from milliwatt.local_gate import LiveChecks  # noqa: E402
+from milliwatt.model_tier import ModelTier  # noqa: E402
+from milliwatt.reports.summary import summarize  # noqa: E402
+from milliwatt.testing import ScriptedTier  # noqa: E402
+from milliwatt.tier import ModelBackend  # noqa: E402
+
+
+class RecordedAnswer(ModelBackend):
+    """A backend that gives one recorded completion: what the real model returned is not the
+    subject here, the wiring of its verdicts is (the real model: test_local.py)."""
+
+    model = "recorded"
+
+    def __init__(self, completion: Completion) -> None:
+        self.completion = completion
+
+    async def complete(self, step, *, abort=None):  # noqa: ANN001, ANN201
+        return self.completion
+
+
+def test_live_checks_suspend_only_when_precision_is_shown_below_target():
+    ok = LiveChecks(0.95)
+    for _ in range(40):
+        ok.add(True)
+    ok.add(False)
+    assert not ok.suspended
+    bad = LiveChecks(0.95)
+    for i in range(30):
+        bad.add(i % 3 == 0)
+        assert bad.suspended == (bad.checked >= LiveChecks.MIN_CHECKS)  # 1 in 3 agreeing: far below 95% once counted
+
+
+@pytest.mark.asyncio
+async def test_checked_local_answers_report_live_precision_and_a_failing_gate_suspends_itself(tmp_path):
+    gate = CalibratedGate(fit_local_gate(traffic(4000, 1), precision=0.95, fitted_on="synthetic"))
+    tool = {"type": "function", "function": {"name": "get_user", "parameters": {"type": "object", "properties": {"user_id": {"type": "string"}}}}}
+    call = {"id": "c", "type": "function", "function": {"name": "get_user", "arguments": json.dumps({"user_id": "mia_li_3668"})}}
+    confident = Completion({"role": "assistant", "content": None, "tool_calls": [call]}, "m", 10, 5, token_logprobs=(-0.001,) * 5,
+                           choice_logprobs=(-0.001,), cpu_seconds=0.01, extra={"finish_reason": "stop"})  # fmt: skip
+    local = ModelTier("local", RecordedAnswer(confident), gate=gate, shadow_share=1.0)
+    remote = ScriptedTier("remote", lambda s: {"role": "assistant", "content": "I need your user id first."})
+    ledger = tmp_path / "l.db"
+    from milliwatt.ledger import Ledger as _Ledger
+
+    tiers_seen = []
+    async with Milliwatt([local, remote], ledger=_Ledger(ledger)) as mw:
+        for i in range(LiveChecks.MIN_CHECKS + 2):
+            result = await mw.step([{"role": "user", "content": f"Look up mia_li_3668 ({i})"}], tools=[tool], session_id=f"s{i}")
+            tiers_seen.append(result.tier)
+            await asyncio.sleep(0.05)  # let the shadow check come back before the next step
+    assert tiers_seen[0] == "local" and tiers_seen[-1] == "remote"  # the gate suspended itself
+    assert gate.live.suspended and gate.live.agreed == 0 and gate.live.checked >= LiveChecks.MIN_CHECKS
+    checks = summarize(ledger)["shadow_checks"]["local"]
+    assert checks["agreed"] == 0 and checks["checked"] == gate.live.checked and checks["precision_high"] < 0.2

@@ -105,6 +105,7 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
             select(s.quality_kind, *_range("energy"), *_range("baseline_energy")).where(judged).group_by(s.quality_kind)
         ).all()
         trimming = _trimming(conn, totals)
+        shadow = _shadow_checks(conn)
 
     cascade = _energy(totals, "energy")
     baseline = _energy(totals, "baseline_energy")
@@ -134,6 +135,7 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         "savings_factor": savings_factor(baseline, cascade),
         "tokens": {"input_raw": totals["input_raw"], "input_sent": totals["input_sent"], "output": totals["output"]},
         "trimming": trimming,
+        "shadow_checks": shadow,
         "cost_usd": {"cascade": totals["cost"], "baseline": totals["baseline_cost"]},
         "latency_ms": {**latency, "mean": totals["latency_mean"], "max": totals["latency_max"]},
         "latency_ms_by_tier": {tier: {"mean": mean, "total": total} for tier, mean, total in latency_by_tier},
@@ -157,6 +159,37 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         # Records that missed the tables: counts by kind, and what still waits in the spool.
         "ledger_faults": read_faults(engine),
     }
+
+
+def _shadow_checks(conn: Any) -> dict[str, dict[str, Any]]:
+    """Live precision of the cheap tiers whose answers were checked: per checked tier, how many
+    of its served answers agree with the answer the next tier gave in a shadow check
+    (``milliwatt.quality.agreement``), with the 95% Clopper-Pearson interval."""
+    from milliwatt.calibration import clopper_pearson_lower, clopper_pearson_upper
+    from milliwatt.quality import agreement
+
+    a, s = ATTEMPTS.c, STEPS.c
+    rows = conn.execute(
+        select(s.response_json, a.evidence_json)
+        .join(STEPS, STEPS.c.id == a.step_id)
+        .where(a.outcome == "shadow", a.evidence_json.like('%"checks"%'))
+    )
+    counts: dict[str, list[int]] = {}
+    for response, raw in rows:
+        evidence = json.loads(raw)
+        if not evidence.get("answer"):
+            continue
+        tally = counts.setdefault(evidence["checks"], [0, 0])
+        tally[0] += 1
+        tally[1] += agreement(json.loads(response), evidence["answer"]).agrees
+    out = {}
+    for tier, (n, agreed) in sorted(counts.items()):
+        wrong = n - agreed
+        out[tier] = {
+            "checked": n, "agreed": agreed, "precision": agreed / n,
+            "precision_low": 1 - clopper_pearson_upper(wrong, n, 0.975), "precision_high": 1 - clopper_pearson_lower(wrong, n, 0.975),
+        }  # fmt: skip
+    return out
 
 
 def _trimming(conn: Any, totals: Any) -> dict[str, Any]:
@@ -408,6 +441,19 @@ def _quality_lines(s: dict[str, Any]) -> list[str]:
     return out
 
 
+def _shadow_lines(checks: dict[str, dict[str, Any]] | None) -> list[str]:
+    """Live precision of checked tiers, beside the replay-judged quality above it."""
+    if not checks:
+        return []
+    out = ["", "Live checks: served answers a later tier answered again off the critical path"]
+    for tier, c in checks.items():
+        out.append(
+            f"  {tier}: {c['agreed']} of {c['checked']} agree ({100 * c['precision']:.1f}%, "
+            f"95% interval {100 * c['precision_low']:.1f}-{100 * c['precision_high']:.1f}%)"
+        )
+    return out
+
+
 def _trimming_lines(t: dict[str, Any] | None) -> list[str]:
     if not t:
         return []
@@ -440,6 +486,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         return "\n".join([*out, "no steps logged"])
     out += [f"steps: {n} in {s['sessions']} session(s), {s['first_started_at']} .. {s['last_started_at']}"]
     out += _cheap_tier_lines(s)
+    out += _shadow_lines(s.get("shadow_checks"))
     out += ["", "Answered by tier"]
     out += _table(
         ["tier", "steps", "share", "Wh low", "Wh point", "Wh high"],
