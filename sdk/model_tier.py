@@ -20,7 +20,7 @@ import time
 
 from .energy import CpuCoefficients, RemoteEnergyModel, cpu_energy
 from .errors import BackendError
-from .gates import Gate
+from .gates import Gate, GateDecision
 from .local_features import FEATURES_VERSION, answer_features
 from .redaction import redact
 from .tier import Completion, ModelBackend, Tier, current_spend
@@ -94,15 +94,11 @@ class ModelTier(Tier):
         )
         if self.gate is None:
             return TierResult(self.name, completion.message, f"{self.name} model answered", **common)
-        decision = self.gate.check(step, completion)
+        # Judging reads the whole context (schemas, the values it holds): off the event loop.
+        decision, features = await asyncio.to_thread(self._judge, step, completion)
         # Every gated answer is kept with what it looked like, accepted or not: a ledger of
         # them, judged against the next tier's answers, is what a gate is calibrated on.
-        evidence = {
-            "answer": completion.message,
-            "features": answer_features(step, completion),
-            "features_version": FEATURES_VERSION,
-            **(decision.evidence or {}),
-        }
+        evidence = {"answer": completion.message, "features": features, "features_version": FEATURES_VERSION, **(decision.evidence or {})}
         if not decision.accept:
             return TierResult.passed(self.name, decision.reason, signal=decision.signal, evidence=evidence, **common)
         shadow = self.shadow_share > 0 and self._draw() < self.shadow_share
@@ -125,6 +121,10 @@ class ModelTier(Tier):
         observe = getattr(self.gate, "observe_check", None)
         if observe is not None:  # may compute a binomial bound (scipy): off the event loop
             await asyncio.to_thread(observe, agreement(checked[1], message).agrees)
+
+    def _judge(self, step: Step, completion: Completion) -> tuple[GateDecision, dict[str, float]]:
+        assert self.gate is not None
+        return self.gate.check(step, completion), answer_features(step, completion)
 
     def _energy(self, completion: Completion, latency_s: float) -> Energy:
         if completion.cpu_seconds is not None:
