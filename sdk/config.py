@@ -143,6 +143,15 @@ class FutilitySettings(_Section):
     probe_every: int = Field(10, ge=1)
 
 
+class PreGateSettings(_Section):
+    """``milliwatt.pregate``: skip the local model on steps like those it did not answer."""
+
+    k: int = Field(8, ge=1)  # the nearest earlier steps consulted
+    min_similarity: float = Field(0.0, ge=-1, le=1)  # cosine: farther steps do not count
+    min_answer_rate: float = Field(0.1, ge=0, le=1)
+    probe_every: int = Field(10, ge=1)
+
+
 class LocalSettings(_Section):
     """The local tier: a llama.cpp backend (model and decoding keys), its gate and its guard."""
 
@@ -171,6 +180,8 @@ class LocalSettings(_Section):
     # mode records the calibration data of ``milliwatt calibrate`` (the futility guard is off).
     observe: bool = False
     futility: FutilitySettings | Literal[False] = Field(default_factory=FutilitySettings)
+    # By meaning instead of by exact kind of step: replaces the futility guard when set.
+    pregate: PreGateSettings | Literal[False] = False
     # An unverified small-model answer must not be multiplied by the cache.
     write_back: bool = False
     trim: list[StrategyName] = Field(default_factory=list)  # trimming strategies, then token_budget

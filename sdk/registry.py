@@ -98,7 +98,16 @@ def _local(section: LocalSettings, settings: Settings) -> Tier:
         write_back=section.write_back,
         shadow_share=0.0 if section.observe else section.shadow_share,
     )
-    if section.futility is False or section.observe:  # observing judges every step
+    if section.observe:  # observing judges every step
+        return tier
+    if section.pregate is not False:
+        from milliwatt.cache.embedder import Embedder
+
+        from .pregate import PreGate
+
+        embedder = Embedder()  # loaded on first use
+        return PreGate(tier, embedder.embed, close=embedder.close, cpu=cpu_coefficients(settings), **section.pregate.model_dump())
+    if section.futility is False:
         return tier
     return FutilityGuard(tier, **section.futility.model_dump())
 
