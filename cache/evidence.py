@@ -48,6 +48,7 @@ from milliwatt.calibration import (
     read_json_file,
 )
 from milliwatt.errors import ConfigError
+from milliwatt.files import write_atomic
 
 from .key import literal_tokens
 
@@ -315,9 +316,7 @@ class HitGate:
         return doc
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the gate as JSON, atomically (``persist.write_atomic``: a reader never sees half a file)."""
-        from .persist import write_atomic
-
+        """Write the gate as JSON, atomically (``milliwatt.files.write_atomic``: a reader never sees half a file)."""
         write_atomic(Path(path), (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
     @classmethod

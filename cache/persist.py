@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import socket
 import threading
 import time
@@ -43,8 +42,8 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-
 from milliwatt.errors import ConfigError
+from milliwatt.files import write_atomic
 from milliwatt.redaction import get_logger
 
 from .scope import SCOPE_VERSION
@@ -167,40 +166,6 @@ def load(store: Store, folder: str | os.PathLike[str], model: str) -> int:
         row = {int(i): n for n, i in enumerate(ids)}
         store.add_many(parsed, vecs[[row[e.id] for e in parsed]])
     return len(parsed)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader (or a crash) never sees half of it: a temporary
-    file beside it (``.<name>.<random>.tmp``), flushed to disk, renamed over ``path``, and the
-    folder synced. The file keeps the mode of the one it replaces (else 0644). A cache folder's
-    files and a gate file are written this way."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file private (0600); these are files other processes read.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # the rename itself survives a power cut
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a platform that cannot open folders (Windows): renames are durable there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a folder; the data files are synced already
-    finally:
-        os.close(fd)
 
 
 def _leftover_temp_files(folder: Path) -> list[Path]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import hashlib
 import json
 import math
@@ -44,6 +45,7 @@ from .calibration import (
     split_sessions,
 )
 from .errors import ConfigError
+from .files import write_atomic
 from .gates import GateDecision, answer_problem
 from .local_features import FEATURES, FEATURES_VERSION, answer_features
 from .tier import Completion
@@ -65,7 +67,7 @@ class LocalGate:
     calibration: Calibration
     features_version: str = FEATURES_VERSION
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
         """A short name of this exact gate (scorer and threshold), recorded with every decision."""
         doc = json.dumps({"scorer": self.scorer.to_json(), "threshold": self.threshold.to_json()}, sort_keys=True)
@@ -92,9 +94,8 @@ class LocalGate:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)  # a reader never sees half a file
+        """Write the gate as JSON, atomically (``milliwatt.files.write_atomic``)."""
+        write_atomic(Path(path), (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LocalGate:
@@ -175,8 +176,9 @@ class CalibratedGate:
         self.live.add(agrees)
 
     def check(self, step: Step, completion: Completion) -> GateDecision:
-        accept, score = self.gate.accepts(answer_features(step, completion))
-        evidence = {"gate": self.gate.id, "score": score}
+        features = answer_features(step, completion)
+        accept, score = self.gate.accepts(features)
+        evidence = {"gate": self.gate.id, "score": score, "features": features}
         problem = answer_problem(step, completion)
         if problem:
             return GateDecision(False, score, problem, evidence)

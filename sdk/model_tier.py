@@ -124,7 +124,10 @@ class ModelTier(Tier):
 
     def _judge(self, step: Step, completion: Completion) -> tuple[GateDecision, dict[str, float]]:
         assert self.gate is not None
-        return self.gate.check(step, completion), answer_features(step, completion)
+        decision = self.gate.check(step, completion)
+        # A gate that scores the features (the calibrated one) hands them back: computed once.
+        features = (decision.evidence or {}).get("features") or answer_features(step, completion)
+        return decision, features
 
     def _energy(self, completion: Completion, latency_s: float) -> Energy:
         if completion.cpu_seconds is not None:
