@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import os
 import threading
 import time
@@ -123,9 +122,14 @@ class LlamaCppBackend(ModelBackend):
         max_tokens: int = 128,
         chat_format: str | None = None,
         prefix_cache_mb: int = 512,
+        copy_values: bool = True,
+        parallel_calls: bool = False,
     ) -> None:
         """``chat_format`` None uses the GGUF's own template. ``prefix_cache_mb`` bounds the
-        RAM kept for saved prompt states (0: only the last prompt's prefix is reused)."""
+        RAM kept for saved prompt states (0: only the last prompt's prefix is reused).
+        ``copy_values`` closes tool arguments to the values the conversation holds
+        (``milliwatt.adapters.copy_values``). ``parallel_calls``: may an answer hold several
+        calls when the request does not say (``parallel_tool_calls``)?"""
         self.model_path = model_path or default_gguf_path()
         self.model = Path(self.model_path).stem
         self.n_ctx = n_ctx
@@ -135,6 +139,8 @@ class LlamaCppBackend(ModelBackend):
         self.max_tokens = max_tokens
         self.chat_format = chat_format
         self.prefix_cache_mb = prefix_cache_mb
+        self.copy_values = copy_values
+        self.parallel_calls = parallel_calls
         self._llama: Any = None
         self._vocab: dict[str, list[int]] | None = None
         self._lock = asyncio.Lock()
@@ -228,11 +234,10 @@ class LlamaCppBackend(ModelBackend):
         if opts.get("seed", self.seed) is not None:
             kwargs["seed"] = opts.get("seed", self.seed)
         if tools:
-            from llama_cpp import LlamaGrammar
-
-            schema = json.dumps(tool_grammar.answer_schema(step))
             try:
-                kwargs["grammar"] = LlamaGrammar.from_json_schema(schema, verbose=False)
+                grammar = answer_grammar(tool_grammar.answer_shape(step, copy=self.copy_values, parallel=self.parallel_calls))
+                _check_grammar(llama, grammar)
+                kwargs["grammar"] = grammar
             except Exception as e:  # the converter asserts on schema shapes it does not know
                 raise BackendError(
                     f"tool schemas cannot be turned into a grammar ({type(e).__name__}: {e})",
@@ -244,7 +249,10 @@ class LlamaCppBackend(ModelBackend):
         call.cpu_t0 = time.process_time()
         try:
             with timer.measure():
-                text, finish, aborted = self._decode(llama, kwargs, recorder, judged, abort, max_tokens, call.cancel)
+                done = tool_grammar.repeats_a_call if tools else None
+                text, finish, aborted = self._decode(llama, kwargs, recorder, judged, abort, max_tokens, call.cancel, done)
+                if tools and not aborted and (whole := tool_grammar.without_repeats(text)) != text:
+                    text, finish = whole, "stop"  # the model looped: its answer ended before
         except ValueError as e:
             if "exceed context window" in str(e):
                 raise BackendError(f"context too long for local window ({e})", backend="llama.cpp", model=self.model) from e
@@ -254,6 +262,8 @@ class LlamaCppBackend(ModelBackend):
 
         logprobs = recorder.logprobs
         extra: dict[str, Any] = {"finish_reason": finish, "generated_tokens": len(recorder.tokens), "aborted": aborted}
+        if tools:
+            extra["decoding"] = "copy" if self.copy_values else "free"
         choices: list[float] = []
         if aborted:
             message, logprobs = {"role": "assistant", "content": text}, judged(recorder.tokens, recorder.logprobs)
@@ -285,9 +295,11 @@ class LlamaCppBackend(ModelBackend):
         abort: AbortCheck | None,
         max_tokens: int,
         cancel: threading.Event | None = None,
+        done: Callable[[str], bool] | None = None,
     ) -> tuple[str, str | None, bool]:
         """Stream the answer; stop as soon as ``abort`` says it cannot pass the gate, or
-        ``cancel`` is set (the awaiting step was cancelled: finish reason ``cancelled``).
+        ``cancel`` is set (the awaiting step was cancelled: finish reason ``cancelled``), or
+        ``done`` says the text so far is a whole answer (finish reason ``stop``).
 
         Streaming is the only way to stop early: llama-cpp-python's chat API takes no
         stopping criteria, and an exception raised in a logits processor is swallowed by
@@ -305,6 +317,8 @@ class LlamaCppBackend(ModelBackend):
                     return "".join(parts), "cancelled", True
                 if abort is not None and finish is None and abort(judged(recorder.tokens, recorder.logprobs), max_tokens):
                     return "".join(parts), "aborted", True
+                if done is not None and finish is None and "}" in parts[-1] and done("".join(parts)):
+                    return "".join(parts), "stop", False
         finally:
             stream.close()
         return "".join(parts), finish, False
@@ -323,6 +337,12 @@ class LlamaCppBackend(ModelBackend):
         except (ValueError, KeyError, TypeError):
             return {"role": "assistant", "content": text}, rec.logprobs, []
         pieces = _token_pieces(llama, rec.tokens)
+        # Only the tokens of the answer kept are judged (not those of a repeat cut from it).
+        kept, length = 0, 0
+        while kept < len(pieces) and length + len(pieces[kept]) <= len(text):
+            length += len(pieces[kept])
+            kept += 1
+        pieces = pieces[:kept]
         joined = "".join(pieces)
         chosen = tool_grammar.decision_tokens(pieces, tool_grammar.decision_mask(joined, branch_key=branch_key))
         spans = tool_grammar.choice_spans(joined, tool_grammar.offered_tools(step), branch_key=branch_key)
@@ -379,6 +399,59 @@ def _choice_logprob(logits: np.ndarray, piece: str, allowed: list[str], vocab: d
     total = m + np.log(np.exp(logits[every] - m).sum())
     part = m + np.log(np.exp(logits[kept] - m).sum()) if kept else -np.inf
     return float(part - total)
+
+
+def answer_grammar(shape: tool_grammar.AnswerShape) -> Any:
+    """A ``LlamaGrammar`` for a tool-mode answer: the reply, or up to ``max_calls`` calls
+    one per line, each a JSON document of its schema.
+
+    The schemas go through llama-cpp-python's port of llama.cpp's schema converter, fixed
+    in two places where it lags upstream llama.cpp:
+
+    - it lets a space follow every value but a ``const`` or ``enum`` one. A model that wants
+      `` }`` after a closed value is then pushed to ``,`` and on into an optional argument it
+      would not have written: measured on BFCL, copy-constrained answers gained invented
+      optional arguments until the space was allowed;
+    - it does not escape a backslash in a literal, so a constant holding a quote (JSON
+      ``\"``) makes a grammar llama.cpp cannot parse, and sampling from it crashes the
+      process (``_check_grammar`` now refuses such a grammar before decoding).
+    """
+    from llama_cpp import LlamaGrammar
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    class Converter(SchemaConverter):
+        def _format_literal(self, literal: str) -> str:
+            return '"' + "".join(_GBNF_ESCAPES.get(c, c) for c in literal) + '"'
+
+        def _generate_constant_rule(self, value: Any) -> str:
+            return f"{super()._generate_constant_rule(value)} space"
+
+    converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    calls = converter.visit(converter.resolve_refs(shape.call, "call"), "call")
+    if shape.max_calls > 1:
+        calls = f'{calls} ("\\n" {calls}){{0,{shape.max_calls - 1}}}'
+    root = calls
+    if shape.reply is not None:
+        root = f"{converter.visit(converter.resolve_refs(shape.reply, 'reply'), 'reply')} | {calls}"
+    converter._add_rule("root", root)
+    return LlamaGrammar.from_string(converter.format_grammar(), verbose=False)
+
+
+_GBNF_ESCAPES = {"\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"}
+
+
+def _check_grammar(llama: Any, grammar: Any) -> None:
+    """Parse ``grammar`` as llama.cpp will, and raise if it cannot: llama-cpp-python hands an
+    unparsable grammar to the sampler unchecked, and the first token sampled from it crashes
+    the process instead of failing the step."""
+    import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(
+        llama._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+    )
+    if not sampler:
+        raise ValueError("llama.cpp cannot parse the grammar")
+    llama_cpp.llama_sampler_free(sampler)
 
 
 def _prefix_cache(capacity_bytes: int) -> Any:

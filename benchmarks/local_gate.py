@@ -1,13 +1,15 @@
 """The local tier's calibrated gate on held-out traffic: precision and coverage of accepted answers.
 
     .venv/bin/milliwatt replay ../shared/data/bfcl/simple_python.jsonl \\
-      --answers ../shared/data/bfcl/simple_python_answers.jsonl --config OBSERVE.yaml --ledger bfcl_observe.db
-    .venv/bin/python benchmarks/local_gate.py bfcl_observe.db [--json out.json]
+      --answers ../shared/data/bfcl/simple_python_answers.jsonl --config benchmarks/bfcl_observe.yaml --ledger simple.db
+    .venv/bin/milliwatt replay ../shared/data/bfcl/multiple.jsonl \\
+      --answers ../shared/data/bfcl/multiple_answers.jsonl --config benchmarks/bfcl_observe.yaml --ledger multiple.db
+    .venv/bin/python benchmarks/local_gate.py simple.db multiple.db [--json out.json]
 
-OBSERVE.yaml is benchmarks/bfcl.yaml plus ``local: {observe: true}``: the local model answers
-every step and accepts none, so every answer is judged by the replay (``evidence.quality``).
+With benchmarks/bfcl_observe.yaml the local model answers every step and accepts none, so every
+answer is judged by the replay (``evidence.quality``). Several ledgers are pooled.
 
-The ledger's sessions are split in two halves (seeded). ``milliwatt calibrate``'s fit runs on
+The sessions are split in two halves (seeded). ``milliwatt calibrate``'s fit runs on
 the first half only (it splits that half again: scorer on one part, threshold certified on
 the other); the gate is then applied to the answers of the second half, which neither step
 saw. Reported per precision target: the accepted share (coverage) and the share of accepted
@@ -24,11 +26,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from milliwatt.calibration import clopper_pearson_lower, clopper_pearson_upper, split_sessions
+from milliwatt.calibration import (
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    split_sessions,
+)
 from milliwatt.ledger import ledger_steps
+from milliwatt.local_features import FEATURES_VERSION
 from milliwatt.local_gate import LabelledAnswer, fit_local_gate, labelled_answers
 
-TARGETS = (0.98, 0.95, 0.90, 0.80)
+TARGETS = (0.98, 0.95, 0.90, 0.80, 0.70, 0.60)
 
 
 def precision(accepted: list[LabelledAnswer]) -> dict[str, Any]:
@@ -45,18 +52,23 @@ def precision(accepted: list[LabelledAnswer]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("ledger")
+    p.add_argument("ledger", nargs="+")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out")
     args = p.parse_args(argv)
 
-    steps = ledger_steps(args.ledger)
+    steps = [s for ledger in args.ledger for s in ledger_steps(ledger)]
     answers, unlabelled = labelled_answers(steps)
     would = {}  # the fixed gate's verdict on each answer, as the observing replay recorded it
-    for s in steps:
-        for a in s["attempts"]:
-            if a["tier"] == "local" and a.get("evidence") and "would_accept" in a["evidence"]:
-                would[s["session_id"] or s["id"]] = a["evidence"]["would_accept"]
+    source = {}  # the ledger each session came from
+    for ledger in args.ledger:
+        for s in ledger_steps(ledger):
+            source[s["session_id"] or s["id"]] = Path(ledger).stem
+            for a in s["attempts"]:
+                if a["tier"] == "local" and a.get("evidence") and "would_accept" in a["evidence"]:
+                    would[s["session_id"] or s["id"]] = a["evidence"]["would_accept"]
+    if not answers:
+        raise SystemExit(f"no labelled local answers of features {FEATURES_VERSION} in {', '.join(args.ledger)}: replay with benchmarks/bfcl_observe.yaml")
     report_half = split_sessions({a.session for a in answers}, 0.5, args.seed)
     fit_half = [a for a in answers if a.session not in report_half]
     report = [a for a in answers if a.session in report_half]
@@ -64,21 +76,26 @@ def main(argv: list[str] | None = None) -> int:
     fixed = [a for a in report if would.get(a.session)]
     rows.append({"gate": "fixed: q10 >= 0.5 (today)", "coverage": len(fixed) / len(report), **precision(fixed)})
     for target in TARGETS:
-        gate = fit_local_gate(fit_half, precision=target, seed=args.seed, fitted_on=f"{Path(args.ledger).name}, first half")
+        gate = fit_local_gate(fit_half, precision=target, seed=args.seed, fitted_on=", ".join(Path(x).name for x in args.ledger) + ", first half")
         accepted = [a for a in report if gate.accepts(a.features)[0]]
         t = gate.threshold
         rows.append({
             "gate": f"calibrated, precision {target:.0%}", "target": target, "threshold": t.score,
             "certified_on": len(gate.calibration.scores), "certified_accepted": t.accepted, "certified_upper_error": t.upper,
             "coverage": len(accepted) / len(report), **precision(accepted),
+            "by_ledger": {name: precision([a for a in accepted if source[a.session] == name]) for name in set(source.values())},
         })  # fmt: skip
+    right = {name: [a.right for a in answers if source[a.session] == name] for name in dict.fromkeys(source.values())}
+    for name, verdicts in right.items():
+        print(f"{name}: {sum(verdicts)} of {len(verdicts)} local answers right ({sum(verdicts) / max(len(verdicts), 1):.1%})")
     for r in rows:
         prec = "-" if r["precision"] is None else f"{r['precision']:.1%} [{r['precision_low']:.1%}, {r['precision_high']:.1%}]"
         print(f"{r['gate']:34s} coverage {r['coverage']:6.1%}  accepted {r['accepted']:>4}  precision {prec}")
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {platform.system()} python {platform.python_version()}",
-        "ledger": args.ledger, "seed": args.seed, "answers": len(answers), "unlabelled": unlabelled,
+        "ledgers": args.ledger, "seed": args.seed, "answers": len(answers), "unlabelled": unlabelled,
+        "right_by_ledger": {name: {"right": sum(v), "answers": len(v)} for name, v in right.items()},
         "fit_half": len(fit_half), "report_half": len(report), "rows": rows,
     }  # fmt: skip
     if args.json_out:

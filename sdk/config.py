@@ -141,6 +141,7 @@ class FutilitySettings(_Section):
     window: int = Field(20, ge=1)
     min_answer_rate: float = Field(0.05, ge=0, le=1)
     probe_every: int = Field(10, ge=1)
+    max_probe_every: int = Field(160, ge=1)  # a failed probe doubles the interval up to this
 
 
 class PreGateSettings(_Section):
@@ -150,6 +151,7 @@ class PreGateSettings(_Section):
     min_similarity: float = Field(0.0, ge=-1, le=1)  # cosine: farther steps do not count
     min_answer_rate: float = Field(0.1, ge=0, le=1)
     probe_every: int = Field(10, ge=1)
+    max_probe_every: int = Field(160, ge=1)
 
 
 class LocalSettings(_Section):
@@ -165,6 +167,12 @@ class LocalSettings(_Section):
     max_tokens: int = Field(128, ge=1)
     chat_format: str | None = None
     prefix_cache_mb: int = Field(512, ge=0)
+    # Tool arguments decoded from the values the conversation holds, not invented
+    # (milliwatt.adapters.copy_values; docs/local.md).
+    copy_values: bool = True
+    # Several tool calls in one answer where a request does not set parallel_tool_calls
+    # (one that does is obeyed). Off: a small model adds calls nobody asked for (docs/local.md).
+    parallel_calls: bool = False
     # tier
     token_budget: int | None = Field(2048, ge=1)
     quantile: float = Field(0.1, ge=0, le=1)
@@ -189,7 +197,7 @@ class LocalSettings(_Section):
     # since the agent would execute it unverified. ``any``: where calls are judged, never run.
     tool_calls: Literal["read_only", "any"] = "read_only"
 
-    BACKEND_KEYS: ClassVar[tuple[str, ...]] = ("model_path", "n_ctx", "n_threads", "n_gpu_layers", "seed", "max_tokens", "chat_format", "prefix_cache_mb")
+    BACKEND_KEYS: ClassVar[tuple[str, ...]] = ("model_path", "n_ctx", "n_threads", "n_gpu_layers", "seed", "max_tokens", "chat_format", "prefix_cache_mb", "copy_values", "parallel_calls")
 
     @model_validator(mode="after")
     def _budget_fits_the_window(self) -> LocalSettings:

@@ -54,6 +54,7 @@ from .types import Step
 GATE_FORMAT = "milliwatt-local-gate"
 GATE_FORMAT_VERSION = 1
 DEFAULT_PRECISION = 0.98
+DECODINGS = ("copy", "free", None)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class LocalGate:
     created_at: str
     calibration: Calibration
     features_version: str = FEATURES_VERSION
+    # How the answers it was fitted on were decoded ("copy" or "free" tool arguments; None:
+    # text only or not recorded): the same features mean another thing under another grammar.
+    decoding: str | None = None
 
     @functools.cached_property
     def id(self) -> str:
@@ -88,6 +92,7 @@ class LocalGate:
             "features_version": self.features_version,
             "fitted_on": self.fitted_on,
             "created_at": self.created_at,
+            "decoding": self.decoding,
             "scorer": self.scorer.to_json(),
             "threshold": self.threshold.to_json(),
             "calibration": self.calibration.to_json(),
@@ -110,13 +115,24 @@ class LocalGate:
         unknown = [f for f in scorer.features if f not in FEATURES]
         if unknown:
             raise ConfigError(where, f"unknown features {', '.join(unknown)} (this milliwatt computes {', '.join(FEATURES)})")
-        return cls(scorer, threshold, doc["fitted_on"], doc["created_at"], calibration)
+        decoding = doc.get("decoding")
+        if decoding not in DECODINGS:
+            raise ConfigError(where, f"decoding must be one of {', '.join(map(repr, DECODINGS))}, got {decoding!r}")
+        return cls(scorer, threshold, doc["fitted_on"], doc["created_at"], calibration, decoding=decoding)
 
 
-def load_local_gate(path: str | os.PathLike[str], precision: float = DEFAULT_PRECISION) -> LocalGate:
+def load_local_gate(path: str | os.PathLike[str], precision: float = DEFAULT_PRECISION, *, decoding: str | None = None) -> LocalGate:
     """The gate of ``path`` with its threshold certified for ``precision`` (re-certified on the
-    pairs the file carries when it was fitted for another)."""
+    pairs the file carries when it was fitted for another). ``decoding``: how the local tier
+    will decode tool arguments; a gate fitted on answers decoded otherwise is refused."""
     gate = LocalGate.load(path)
+    if decoding is not None and gate.decoding not in (None, decoding):
+        raise ConfigError(
+            str(path),
+            f"the gate was calibrated on answers with {gate.decoding} tool arguments, but the local tier decodes "
+            f"them {decoding} (local.copy_values): its threshold does not hold for them; recalibrate, or set "
+            f"local.copy_values to {gate.decoding == 'copy'}",
+        )
     if math.isclose(1 - gate.threshold.target_error, precision, rel_tol=0, abs_tol=1e-12):
         return gate
     try:
@@ -204,6 +220,7 @@ class LabelledAnswer:
     session: str
     features: dict[str, float]
     right: bool
+    decoding: str | None = None
 
 
 def labelled_answers(steps: Iterable[Mapping[str, Any]], *, tier: str = "local", reference_tier: str = "remote") -> tuple[list[LabelledAnswer], int]:
@@ -223,7 +240,7 @@ def labelled_answers(steps: Iterable[Mapping[str, Any]], *, tier: str = "local",
             if verdict is None:
                 unlabelled += 1
                 continue
-            out.append(LabelledAnswer(step["session_id"] or step["id"], dict(e["features"]), bool(verdict)))
+            out.append(LabelledAnswer(step["session_id"] or step["id"], dict(e["features"]), bool(verdict), e.get("decoding")))
     return out, unlabelled
 
 
@@ -232,6 +249,12 @@ def fit_local_gate(
     seed: int = 0, certify_share: float = 0.5, fitted_on: str,
 ) -> LocalGate:  # fmt: skip
     """Fit the scorer on one part of the sessions, certify the threshold on the other."""
+    decodings = sorted({a.decoding for a in answers if a.decoding})
+    if len(decodings) > 1:
+        raise CalibrationError(
+            f"the local answers were decoded {' and '.join(decodings)} (local.copy_values changed between runs): "
+            "a gate holds for one; calibrate on a ledger of one"
+        )
     held_out = split_sessions({a.session for a in answers}, certify_share, seed)
     fit_rows = [a for a in answers if a.session not in held_out]
     cert_rows = [a for a in answers if a.session in held_out]
@@ -247,20 +270,30 @@ def fit_local_gate(
         scorer = LogisticScorer(("valid",), (0.0,), 8.0 if outcomes == {True} else -8.0, (0.0,), (1.0,))
     calibration = Calibration(tuple(scorer.score(a.features) for a in cert_rows), tuple(a.right for a in cert_rows))
     created = _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
-    return LocalGate(scorer, calibration.threshold(1 - precision, confidence), fitted_on, created, calibration)
+    threshold = calibration.threshold(1 - precision, confidence)
+    return LocalGate(scorer, threshold, fitted_on, created, calibration, decoding=decodings[0] if decodings else None)
 
 
 def calibrate(
-    ledger: str | os.PathLike[str], *, precision: float = DEFAULT_PRECISION, confidence: float = DEFAULT_CONFIDENCE,
-    reference_tier: str = "remote", seed: int = 0,
+    ledgers: str | os.PathLike[str] | list[str | os.PathLike[str]], *, precision: float = DEFAULT_PRECISION,
+    confidence: float = DEFAULT_CONFIDENCE, reference_tier: str = "remote", seed: int = 0,
 ) -> tuple[LocalGate, list[LabelledAnswer], int]:  # fmt: skip
+    """Fit a gate on the local answers of one ledger or several pooled (the more answers, the
+    higher the precision a threshold can be certified for: 98% at 95% confidence needs at
+    least 149 accepted answers, all right, in the certification part)."""
     from .ledger import ledger_steps
 
-    answers, unlabelled = labelled_answers(ledger_steps(ledger), reference_tier=reference_tier)
+    paths = [ledgers] if isinstance(ledgers, (str, os.PathLike)) else list(ledgers)
+    answers: list[LabelledAnswer] = []
+    unlabelled = 0
+    for path in paths:
+        found, missing = labelled_answers(ledger_steps(path), reference_tier=reference_tier)
+        answers += found
+        unlabelled += missing
     sessions = len({a.session for a in answers})
     fitted_on = (
-        f"{Path(ledger).name}: {len(answers)} labelled local answers in {sessions} sessions; scorer fitted on half "
-        f"the sessions (seed {seed}), threshold certified on the other half"
+        f"{', '.join(Path(p).name for p in paths)}: {len(answers)} labelled local answers in {sessions} sessions; "
+        f"scorer fitted on half the sessions (seed {seed}), threshold certified on the other half"
     )
     gate = fit_local_gate(answers, precision=precision, confidence=confidence, seed=seed, fitted_on=fitted_on)
     return gate, answers, unlabelled
@@ -270,7 +303,7 @@ def calibrate(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ledger", help="a ledger whose local attempts recorded their answers (a replay; best with local.observe: true)")
+    p.add_argument("ledger", nargs="+", help="ledgers whose local attempts recorded their answers (replays; best with local.observe: true), pooled")
     p.add_argument("--target", type=float, default=DEFAULT_PRECISION, help="precision: the share of accepted local answers that must agree (default 0.98)")
     p.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE, help="confidence of the bound (default 0.95)")
     p.add_argument("--reference-tier", default="remote", help="the tier whose answers are the reference (default remote)")

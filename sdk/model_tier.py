@@ -99,6 +99,8 @@ class ModelTier(Tier):
         # Every gated answer is kept with what it looked like, accepted or not: a ledger of
         # them, judged against the next tier's answers, is what a gate is calibrated on.
         evidence = {"answer": completion.message, "features": features, "features_version": FEATURES_VERSION, **(decision.evidence or {})}
+        if completion.extra.get("decoding"):  # a gate is calibrated for one way of decoding
+            evidence["decoding"] = completion.extra["decoding"]
         if not decision.accept:
             return TierResult.passed(self.name, decision.reason, signal=decision.signal, evidence=evidence, **common)
         shadow = self.shadow_share > 0 and self._draw() < self.shadow_share

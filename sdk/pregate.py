@@ -6,8 +6,8 @@ futility guard (``milliwatt.futility``) skips a kind of step defined exactly (sa
 instructions, tools and turn); the pre-gate generalises it by meaning. Each step is embedded
 (the last user message and the tools on offer, by the cache's MiniLM); when the ``k`` most
 similar earlier steps the tier was asked (cosine at least ``min_similarity``) include fewer
-than ``min_answer_rate`` answered, the tier is not asked. Every ``probe_every``-th such step
-is asked anyway, so a change in traffic, or a better model, is noticed.
+than ``min_answer_rate`` answered, the tier is not asked, but for probes
+(``milliwatt.futility.Probes``), so a change in traffic, or a better model, is noticed.
 
 The embedding's own CPU time is charged to the attempt, asked or skipped. It is small next to
 what it saves (a few milliseconds against about a second of local decoding on 2 cores).
@@ -22,6 +22,7 @@ from dataclasses import replace
 import numpy as np
 
 from .energy import CpuCoefficients, cpu_energy
+from .futility import Probes
 from .tier import Tier
 from .types import Message, Step, TierResult, content_text
 
@@ -46,23 +47,24 @@ class PreGate(Tier):
         min_similarity: float = 0.0,
         min_answer_rate: float = 0.1,
         probe_every: int = 10,
+        max_probe_every: int = 160,
         history: int = 4096,
         cpu: CpuCoefficients | None = None,
         close: Callable[[], None] | None = None,
     ) -> None:
-        if k < 1 or probe_every < 1 or history < k:
-            raise ValueError("pregate: k and probe_every must be >= 1, history >= k")
+        if k < 1 or history < k:
+            raise ValueError("pregate: k must be >= 1, history >= k")
         self.inner = inner
         self.name = inner.name
         self.token_budget = inner.token_budget
         self.embed = embed
         self.k, self.min_similarity, self.min_answer_rate = k, min_similarity, min_answer_rate
-        self.probe_every = probe_every
+        self.probes = Probes(probe_every, max_probe_every)
         self.cpu = cpu or CpuCoefficients()
         self._close = close
         self._vectors: np.ndarray | None = None  # (history, dim), a ring
         self._answered = np.zeros(history, dtype=bool)
-        self._size = self._next = self._skipped = 0
+        self._size = self._next = 0
         self._lock = threading.Lock()
 
     def _neighbours(self, vec: np.ndarray) -> tuple[int, int]:
@@ -89,16 +91,17 @@ class PreGate(Tier):
         vec, cpu_s = await self.embed(step_text(step))
         spent = cpu_energy(cpu_s, self.cpu)
         similar, answered = self._neighbours(vec)
-        if similar >= self.k and answered < self.min_answer_rate * similar:
-            self._skipped += 1
-            if self._skipped % self.probe_every:
-                reason = (
-                    f"pre-gate: {answered} of the {similar} most similar earlier steps answered "
-                    f"(cosine >= {self.min_similarity}); probing every {self.probe_every}th"
-                )
-                return TierResult.passed(self.name, reason, energy=spent)
+        probe = similar >= self.k and answered < self.min_answer_rate * similar
+        if probe and self.probes.skip():
+            reason = (
+                f"pre-gate: {answered} of the {similar} most similar earlier steps answered "
+                f"(cosine >= {self.min_similarity}); probing every {self.probes.interval}th"
+            )
+            return TierResult.passed(self.name, reason, energy=spent)
         result = await self.inner.attempt(step)
         self._add(vec, result.answered)
+        if probe:
+            self.probes.probed(result.answered)
         return replace(result, energy=result.energy + spent)
 
     async def remember(self, step: Step, message: Message, answered_by: str, *, model: str | None = None) -> None:

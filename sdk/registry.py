@@ -82,7 +82,8 @@ def _local(section: LocalSettings, settings: Settings) -> Tier:
     if section.gate is not None:
         from .local_gate import CalibratedGate, load_local_gate
 
-        gate = CalibratedGate(load_local_gate(section.gate, section.precision))  # a bad file stops the start-up
+        decoding = "copy" if section.copy_values else "free"
+        gate = CalibratedGate(load_local_gate(section.gate, section.precision, decoding=decoding))  # a bad file stops the start-up
     else:
         gate = ConfidenceGate(section.quantile, section.threshold)
     if section.tool_calls == "read_only":

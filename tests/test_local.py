@@ -321,7 +321,7 @@ async def test_untyped_arguments_get_a_grammar_and_unbuildable_ones_pass(local_b
     c = await local_backend.complete(step)
     assert c.message.get("tool_calls") or c.extra["finish_reason"] in ("length", "aborted")
     broken = {"type": "function", "function": {"name": "odd", "parameters": {
-        "type": "object", "properties": {"x": {"type": "string", "pattern": "(?<=a)b"}}}}}  # fmt: skip
+        "type": "object", "properties": {"x": {"$ref": "#/definitions/nowhere"}}}}}  # fmt: skip
     tier = ModelTier("local", local_backend, gate=ConfidenceGate())
     result = await tier.attempt(Step.create([{"role": "user", "content": "hi"}], tools=[broken]))
     assert not result.answered and "cannot be turned into a grammar" in result.reason

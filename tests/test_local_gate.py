@@ -28,8 +28,15 @@ def test_an_observing_replay_records_every_local_answer_with_its_verdict(tmp_pat
     steps = db.execute("select count(*) from steps").fetchone()[0]
     assert len(local) == steps > 0
     for e in local:
-        assert e["features_version"] == "local-1" and isinstance(e["would_accept"], bool)
+        assert e["features_version"] == FEATURES_VERSION and isinstance(e["would_accept"], bool)
         assert e["quality"]["metric"] == "bfcl_ast" and isinstance(e["quality"]["agrees"], bool)
+        assert e["decoding"] == "copy"  # the default
+    # ... which calibrates a gate file the local tier then starts with (few answers: it
+    # certifies nothing, and says so rather than accepting on too little evidence).
+    gate_file = tmp_path / "gate.json"
+    assert main(["calibrate", str(ledger), "--out", str(gate_file)]) == 0
+    gate = load_local_gate(gate_file)
+    assert gate.decoding == "copy" and gate.threshold.score is None
 
 
 # --------------------------------------------------------------------------- the calibrated gate
@@ -51,8 +58,9 @@ from milliwatt import Step  # noqa: E402
 
 
 def features(p: float, copied: float) -> dict[str, float]:
-    return {"p_q00": p, "p_q10": p, "p_q25": p, "p_q50": p, "choice_p": p, "tool_call": 1.0, "valid": 1.0,
-            "finished": 1.0, "tokens": 2.0, "copied": copied, "invented": 0.0 if copied == 1.0 else 1.0}  # fmt: skip
+    return {"p_q00": p, "p_q10": p, "p_q25": p, "p_q50": p, "choice_p": p, "tool_call": 1.0, "calls": math.log(2),
+            "optional": 0.0, "valid": 1.0, "finished": 1.0, "tokens": 2.0, "copied": copied,
+            "invented": 0.0 if copied == 1.0 else 1.0}  # fmt: skip
 
 
 def traffic(n: int, seed: int) -> list[LabelledAnswer]:
@@ -109,6 +117,27 @@ def test_a_missing_or_corrupt_gate_file_stops_the_start_up_naming_it(tmp_path, c
     assert str(path) in str(e.value)
 
 
+def test_a_gate_holds_only_for_the_decoding_it_was_calibrated_on(tmp_path):
+    from dataclasses import replace
+
+    from milliwatt.registry import build_tier
+
+    copied = [replace(a, decoding="copy") for a in traffic(400, 1)]
+    gate = fit_local_gate(copied, precision=0.9, fitted_on="synthetic")
+    assert gate.decoding == "copy"
+    path = tmp_path / "g.json"
+    gate.save(path)
+    assert load_local_gate(path, 0.9, decoding="copy").id == gate.id
+    with pytest.raises(ConfigError, match="calibrated on answers with copy tool arguments") as e:
+        load_local_gate(path, 0.9, decoding="free")
+    assert str(path) in str(e.value) and "local.copy_values" in str(e.value)
+    with pytest.raises(ConfigError, match="copy tool arguments"):
+        build_tier("local", load_settings({"local": {"gate": str(path), "precision": 0.9, "copy_values": False}}))
+    mixed = copied[:200] + [replace(a, decoding="free") for a in copied[200:]]
+    with pytest.raises(CalibrationError, match="decoded copy and free"):
+        fit_local_gate(mixed, fitted_on="synthetic")
+
+
 def test_a_configured_gate_file_is_read_when_the_local_tier_is_built(tmp_path):
     from milliwatt.registry import build_tier
 
@@ -140,19 +169,21 @@ def _answer_record(session: str, right: bool, p: float, at: float) -> StepRecord
                       0.0, Energy.zero(), 0.0, "openai/gpt-4o", (local, remote), {"messages": []}, answer)  # fmt: skip
 
 
-def test_calibrate_fits_a_gate_file_from_a_ledger(tmp_path, capsys):
-    ledger = tmp_path / "l.db"
+def test_calibrate_fits_a_gate_file_from_ledgers_pooled(tmp_path, capsys):
+    ledgers = [tmp_path / "a.db", tmp_path / "b.db"]  # e.g. the replays of two workloads
     rng = random.Random(5)
-    with Ledger(ledger) as writer:
-        for i in range(900):
-            p = rng.random()
-            writer.write_sync(_answer_record(f"s{i}", rng.random() < (0.998 if p > 0.7 else 0.4), p, 1.7e9 + i))
+    for k, ledger in enumerate(ledgers):
+        with Ledger(ledger) as writer:
+            for i in range(450):
+                p = rng.random()
+                writer.write_sync(_answer_record(f"s{k}-{i}", rng.random() < (0.998 if p > 0.7 else 0.4), p, 1.7e9 + i))
     out = tmp_path / "gate.json"
-    assert main(["calibrate", str(ledger), "--target", "0.95", "--out", str(out)]) == 0
+    assert main(["calibrate", *map(str, ledgers), "--target", "0.95", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "900 labelled local answers" in printed and "held-out answers accepted" in printed
     gate = LocalGate.load(out)
-    assert gate.threshold.score is not None and gate.threshold.upper <= 0.05 and "900 labelled local answers" in gate.fitted_on
+    assert gate.threshold.score is not None and gate.threshold.upper <= 0.05
+    assert gate.fitted_on.startswith("a.db, b.db: 900 labelled local answers")
     assert main(["calibrate", str(tmp_path / "none.db"), "--out", str(out)]) == 2  # not a ledger: a clean error
 
 
