@@ -100,7 +100,7 @@ def _texts(message: Message) -> Iterator[tuple[str, list[str]]]:
             continue
         parsed = _json(body)
         if parsed is None:
-            yield body, [q for q in _quoted(body)]
+            yield body, list(_quoted(body))
             continue
         for leaf in _leaves(parsed):
             if isinstance(leaf, str):
