@@ -13,6 +13,7 @@ Environment overrides (a provider configured through the environment wins over t
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -137,21 +138,30 @@ class CacheSettings(_Section):
         return data
 
 
-class FutilitySettings(_Section):
-    window: int = Field(20, ge=1)
-    min_answer_rate: float = Field(0.05, ge=0, le=1)
+class _Probing(_Section):
+    """When a wrapper that skips the local model asks it anyway (``milliwatt.futility.Probes``)."""
+
     probe_every: int = Field(10, ge=1)
     max_probe_every: int = Field(160, ge=1)  # a failed probe doubles the interval up to this
 
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> _Probing:
+        if self.max_probe_every < self.probe_every:
+            raise ValueError(f"max_probe_every ({self.max_probe_every}) is below probe_every ({self.probe_every})")
+        return self
 
-class PreGateSettings(_Section):
+
+class FutilitySettings(_Probing):
+    window: int = Field(20, ge=1)
+    min_answer_rate: float = Field(0.05, ge=0, le=1)
+
+
+class PreGateSettings(_Probing):
     """``milliwatt.pregate``: skip the local model on steps like those it did not answer."""
 
     k: int = Field(8, ge=1)  # the nearest earlier steps consulted
     min_similarity: float = Field(0.0, ge=-1, le=1)  # cosine: farther steps do not count
     min_answer_rate: float = Field(0.1, ge=0, le=1)
-    probe_every: int = Field(10, ge=1)
-    max_probe_every: int = Field(160, ge=1)
 
 
 class LocalSettings(_Section):
@@ -286,8 +296,13 @@ def load_settings(source: str | os.PathLike[str] | dict[str, Any] | Settings | N
         return Settings.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        # pydantic names the member of a union it tried ("FutilitySettings", "function-after[...]"):
+        # the user wrote keys, not types
+        key = ".".join(str(p) for p in err["loc"] if not _UNION_MEMBER.fullmatch(str(p))) or "(root)"
         raise ConfigError(f"{where}: {key}", err["msg"]) from None
+
+
+_UNION_MEMBER = re.compile(r"function-\w+\[.*\]|[A-Z]\w*Settings|literal\[.*\]")
 
 
 def _read_file(path: Path) -> dict[str, Any]:
