@@ -318,6 +318,14 @@ def test_summarize_matches_hand_computed_values(run_db: Path) -> None:
     assert s["cost_usd"] == approx({"cascade": 0.02, "baseline": 0.04})
     # Nearest rank over [1, 20, 900, 3000] ms: p50 is the 2nd value, p95 the 4th.
     assert s["latency_ms"] == approx({"p50": 20.0, "p95": 3000.0, "mean": 980.25, "max": 3000.0})
+    # by the answering tier: one step each here, so p50 = p95 = its latency
+    assert s["latency_ms_by_tier"]["remote"] == approx({"p50": 3000.0, "p95": 3000.0, "mean": 3000.0, "total": 3000.0})
+    assert s["latency_ms_by_tier"]["cache"]["p95"] == approx(20.0)
+    # per workflow: sessions a (rules, cache) and b (local, remote), summed, then distributed
+    w = s["workflows"]
+    assert w["sessions"] == 2 and w["steps"] == approx({"p50": 2, "p95": 2, "mean": 2})
+    assert w["energy_wh_cascade"] == approx({"p50": 2.2e-5, "p95": 0.202, "mean": (2.2e-5 + 0.202) / 2})
+    assert w["energy_wh_baseline"]["mean"] == approx(1.45 / 2) and w["cost_usd_cascade"] == approx({"p50": 0.0, "p95": 0.02, "mean": 0.01})
     assert s["energy_by_tier"]["local"] == approx({"steps": 1, "low": 0.001, "point": 0.002, "high": 0.003})
     assert s["attempts_by_tier"]["rules"] == approx(
         {"attempts": 4, "answered": 1, "passed": 3, "skipped": 0, "error": 0, "cancelled": 0, "shadow": 0, "low": 1e-6, "point": 2e-6, "high": 3e-6}
@@ -358,6 +366,8 @@ def test_format_summary_states_methods_ranges_and_labels(run_db: Path) -> None:
     ):
         assert expected in text, expected
     assert re.search(r"cascade\s+0\.101\s+0\.202\s+0\.403", text)
+    assert re.search(r"remote\s+3000\.0\s+3000\.0\s+3000\.0", text)  # latency by answering tier
+    assert "Per workflow (2 sessions" in text and re.search(r"cost \$, cascade\s+0\.0000\s+0\.0200\s+0\.0100", text)
 
 
 def test_empty_ledger_report(tmp_path: Path) -> None:

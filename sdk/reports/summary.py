@@ -90,8 +90,17 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         baseline_models = conn.execute(select(s.baseline_model, func.count()).group_by(s.baseline_model)).all()
         latency = {f"p{p}": _percentile(conn, s.latency_ms, n, p) for p in (50, 95)}
         latency_by_tier = conn.execute(
-            select(s.tier, func.avg(s.latency_ms), _sum(s.latency_ms)).group_by(s.tier).order_by(s.tier)
+            select(s.tier, func.count(), func.avg(s.latency_ms), _sum(s.latency_ms)).group_by(s.tier).order_by(s.tier)
         ).all()
+        latency_tiers = {
+            tier: {
+                **{f"p{p}": _percentile(conn, s.latency_ms, count, p, s.tier == tier) for p in (50, 95)},
+                "mean": mean,
+                "total": total,
+            }
+            for tier, count, mean, total in latency_by_tier
+        }
+        workflows = _workflows(conn)
         judged = s.quality_kind.is_not(None)
         quality_rows = conn.execute(
             select(s.quality_kind, s.quality_metric, func.count(), _sum(s.quality_agrees), func.avg(s.quality_score))
@@ -138,7 +147,9 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         "shadow_checks": shadow,
         "cost_usd": {"cascade": totals["cost"], "baseline": totals["baseline_cost"]},
         "latency_ms": {**latency, "mean": totals["latency_mean"], "max": totals["latency_max"]},
-        "latency_ms_by_tier": {tier: {"mean": mean, "total": total} for tier, mean, total in latency_by_tier},
+        # by the tier that answered the step (the step's whole wall time, its passes included)
+        "latency_ms_by_tier": latency_tiers,
+        "workflows": workflows,
         "quality": quality,
         # Per kind of measure: the energy of the steps it judged over those that agree. The
         # baseline's needs the frontier's own quality, which only a replay knows (it fills it in).
@@ -340,12 +351,42 @@ def _labels(rows: list[Any]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _percentile(conn: Any, col: Any, n: int, p: int) -> float | None:
-    """Nearest-rank percentile: the smallest value with at least p% of the values at or below it."""
+def _percentile(conn: Any, col: Any, n: int, p: int, where: Any = None) -> float | None:
+    """Nearest-rank percentile of the ``n`` values (those ``where`` selects): the smallest
+    value with at least p% of the values at or below it."""
     if n == 0:
         return None
     rank = max(1, math.ceil(p / 100 * n))
-    return conn.execute(select(col).order_by(col).limit(1).offset(rank - 1)).scalar()
+    query = select(col) if where is None else select(col).where(where)
+    return conn.execute(query.order_by(col).limit(1).offset(rank - 1)).scalar()
+
+
+def _nearest_rank(values: list[float], p: int) -> float:
+    return sorted(values)[max(1, math.ceil(p / 100 * len(values))) - 1]
+
+
+def _workflows(conn: Any) -> dict[str, Any]:
+    """What one workflow (a session; a step without one is its own) costs, cascade and
+    baseline side by side: the distribution over sessions of their summed energy (point),
+    cost and steps. A buyer prices workflows, not steps."""
+    s = STEPS.c
+    rows = conn.execute(
+        select(
+            func.count(),
+            _sum(s.energy_wh_point),
+            _sum(s.baseline_energy_wh_point),
+            _sum(s.cost_usd),
+            _sum(s.baseline_cost_usd),
+        ).group_by(func.coalesce(s.session_id, s.id))
+    ).all()
+    if not rows:
+        return {"sessions": 0}
+    columns = {"steps": 0, "energy_wh_cascade": 1, "energy_wh_baseline": 2, "cost_usd_cascade": 3, "cost_usd_baseline": 4}
+    out: dict[str, Any] = {"sessions": len(rows)}
+    for name, i in columns.items():
+        values = [float(r[i] or 0.0) for r in rows]
+        out[name] = {"p50": _nearest_rank(values, 50), "p95": _nearest_rank(values, 95), "mean": sum(values) / len(values)}
+    return out
 
 
 # --------------------------------------------------------------------------- text
@@ -476,6 +517,29 @@ def _trimming_lines(t: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _latency_lines(by_tier: dict[str, dict[str, Any]] | None) -> list[str]:
+    if not by_tier:
+        return []
+    rows = [[t, f"{v['p50']:.1f}", f"{v['p95']:.1f}", f"{v['mean']:.1f}"] for t, v in sorted(by_tier.items(), key=lambda kv: _tier_order(kv[0]))]
+    return ["", "Latency by answering tier (ms, the step's wall time)", *_table(["tier", "p50", "p95", "mean"], rows)]
+
+
+def _workflow_lines(w: dict[str, Any] | None) -> list[str]:
+    if not w or not w.get("sessions"):
+        return []
+    rows = [
+        [f"{unit}, {side}", *(fmt(w[f"{key}_{side}"][k]) for k in ("p50", "p95", "mean"))]
+        for unit, key, fmt in (("energy Wh", "energy_wh", _wh), ("cost $", "cost_usd", lambda x: f"{x:.4f}"))
+        for side in ("cascade", "baseline")
+    ]
+    steps = w["steps"]
+    return [
+        "",
+        f"Per workflow ({w['sessions']} sessions; steps per session p50 {steps['p50']:.0f}, p95 {steps['p95']:.0f})",
+        *_table(["", "p50", "p95", "mean"], rows),
+    ]
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text report of ``summarize``'s result: ranges, methods and labels spelled out."""
     s = summary
@@ -522,6 +586,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         *_trimming_lines(s.get("trimming")),
         f"cost: cascade ${cost['cascade']:.4f}, baseline ${cost['baseline']:.4f}",
         f"latency per step: p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, max {lat['max']:.1f} ms",
+        *_latency_lines(s.get("latency_ms_by_tier")),
+        *_workflow_lines(s.get("workflows")),
         "",
         "How the energy was obtained",
     ]
