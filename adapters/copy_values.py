@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from milliwatt.quality import json_leaves
 from milliwatt.types import Message, content_text
 
 MAX_SPAN_WORDS = 8
@@ -102,7 +103,7 @@ def _texts(message: Message) -> Iterator[tuple[str, list[str]]]:
         if parsed is None:
             yield body, list(_quoted(body))
             continue
-        for leaf in _leaves(parsed):
+        for leaf in json_leaves(parsed):
             if isinstance(leaf, str):
                 yield leaf, [leaf.strip()] if 0 < len(leaf.strip()) <= 200 else []
             else:
@@ -116,17 +117,6 @@ def _json(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return None
-
-
-def _leaves(value: Any) -> Iterator[Any]:
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from _leaves(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _leaves(v)
-    elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        yield value
 
 
 def _quoted(text: str) -> Iterator[str]:

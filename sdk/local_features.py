@@ -35,11 +35,9 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator
-from typing import Any
 
 from .gates import probability_quantile, repeated_call, tool_call_problem
-from .quality import answer_values, context_values
+from .quality import answer_values, context_values, json_leaves
 from .tier import Completion
 from .types import Step, content_text
 
@@ -81,18 +79,8 @@ def _arguments(call: dict) -> dict:
     return args if isinstance(args, dict) else {}
 
 
-def _scalars(value: Any) -> Iterator[str]:
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list):
-        for v in value:
-            yield from _scalars(v)
-    elif isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip():
-        yield str(value)
-
-
 def _reused(step: Step, calls: list[dict]) -> int:
-    uses = Counter(v for call in calls for v in _scalars(_arguments(call)))
+    uses = Counter(str(v) for call in calls for v in json_leaves(_arguments(call)) if str(v).strip())
     repeated = {v: n for v, n in uses.items() if n > 1}
     if not repeated:
         return 0

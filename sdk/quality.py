@@ -421,19 +421,21 @@ def _values(text: str) -> frozenset[str]:
         except ValueError:
             pass
         else:
-            return frozenset().union(*(salient_values(leaf) for leaf in _leaves(parsed)))
+            return frozenset().union(*(salient_values(str(leaf)) for leaf in json_leaves(parsed)))
     return frozenset(salient_values(text))
 
 
-def _leaves(value: Any) -> Iterator[str]:
+def json_leaves(value: Any) -> Iterator[str | int | float]:
+    """The strings and numbers of a parsed JSON value, depth first (booleans and nulls are not
+    values an answer states)."""
     if isinstance(value, dict):
         for v in value.values():
-            yield from _leaves(v)
+            yield from json_leaves(v)
     elif isinstance(value, list):
         for v in value:
-            yield from _leaves(v)
+            yield from json_leaves(v)
     elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        yield str(value)
+        yield value
 
 
 def _call_values(message: Message) -> set[str]:
@@ -443,8 +445,8 @@ def _call_values(message: Message) -> set[str]:
             args = json.loads(call["function"].get("arguments") or "{}")
         except ValueError:
             args = call["function"].get("arguments") or ""
-        for leaf in _leaves(args):
-            out |= _values(leaf)
+        for leaf in json_leaves(args):
+            out |= _values(str(leaf))
     return out
 
 
