@@ -24,6 +24,14 @@ backend's own event loop, in one daemon thread (``_LoopThread``): the remote cli
 work stays off the caller's loop. The caller awaits a future; cancelling it cancels the
 call; errors arrive as raised. ``aclose`` ends the thread and closes the HTTP clients litellm
 made on its loop; a backend dropped without ``aclose`` ends its thread when it is collected.
+
+Streaming (``stream``): ``acompletion(stream=True)`` is read on the same loop thread; each
+chunk crosses to the caller's loop through a queue (``call_soon_threadsafe``). Opening the
+stream and reading its first chunk is one attempt, retried like any other; a failure after
+that is a ``RemoteStreamError`` (never retried: chunks were handed on). The provider is asked
+for its usage where litellm says it takes ``stream_options``; otherwise tokens are counted.
+Fallback models, per-tenant limits and session pinning wrap this backend
+(``milliwatt.remote``).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_random_exponential
@@ -48,11 +56,13 @@ from milliwatt.errors import (
     RemoteBadRequest,
     RemoteError,
     RemoteRateLimited,
+    RemoteStreamError,
     RemoteTimeout,
     RemoteUnavailable,
 )
 from milliwatt.redaction import get_logger, redact, register_secret
-from milliwatt.tier import AbortCheck, Completion, ModelBackend
+from milliwatt.streaming import Chunk, ChunkAssembler
+from milliwatt.tier import AbortCheck, Completion, CompletionStream, ModelBackend
 from milliwatt.tokens import count_completion, count_request
 from milliwatt.types import Step
 
@@ -183,6 +193,7 @@ class LiteLLMBackend(ModelBackend):
         self._loop_thread: _LoopThread | None = None
         self._loop_lock = threading.Lock()
         self._finalizer: weakref.finalize | None = None
+        self._stream_options: bool | None = None  # does the provider take stream_options? (asked once)
 
     def check(self) -> None:
         """Fail at start, naming what to set, when the provider's credentials are missing.
@@ -268,15 +279,128 @@ class LiteLLMBackend(ModelBackend):
         # The first import takes seconds: do it in a worker thread, not on an event loop.
         litellm = await asyncio.to_thread(import_litellm)
         req = self._request(step)
-        retrying = AsyncRetrying(
+        response = await self._retrying()(self._attempt, litellm, req)
+        return self._completion(step, response, litellm)
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1),
             wait=self._wait,
             retry=retry_if_exception_type(_RETRYABLE),
             before_sleep=self._log_retry,
             reraise=True,
         )
-        response = await retrying(self._attempt, litellm, req)
-        return self._completion(step, response, litellm)
+
+    # ------------------------------------------------------------------ streaming
+
+    async def stream(self, step: Step, *, abort: AbortCheck | None = None) -> CompletionStream:
+        """Stream the answer (``litellm.acompletion(stream=True)``), returned once its first
+        chunk is in: opening the stream and reading that chunk are one attempt, retried as
+        ``complete``'s are; a failure after it is a ``RemoteStreamError``, not retried.
+
+        The stream is read on the backend's loop thread and its chunks handed to the caller's
+        loop through a queue; closing the returned stream cancels the reading there (the HTTP
+        response is closed). The provider is asked for its usage (``stream_options``) where
+        litellm says it takes the option; otherwise the tokens are counted.
+        """
+        runner = self._thread()
+        stream = _LiteLLMStream(self, step, asyncio.get_running_loop())
+        stream._reader = asyncio.run_coroutine_threadsafe(self._read_stream(step, stream._put), runner.loop)
+        await stream._first()
+        return stream
+
+    async def _read_stream(self, step: Step, put: Callable[[tuple[str, Any]], None]) -> None:
+        """On the backend's loop: open the stream (with retries), then hand on each chunk,
+        then ``("end", None)``; or ``("error", typed error)``. Never raises but cancellation."""
+        opened: Any = None
+        try:
+            litellm = await asyncio.to_thread(import_litellm)
+            req = self._request(step)
+            req["stream"] = True
+            if self._stream_usage(litellm):
+                req["stream_options"] = {"include_usage": True}
+            opened, first = await self._retrying()(self._open_stream, litellm, req)
+            if first is None:
+                put(("end", None))
+                return
+            put(("chunk", _chunk_dict(first)))
+            received = 1
+            try:
+                async for raw in opened:
+                    put(("chunk", _chunk_dict(raw)))
+                    received += 1
+            except (asyncio.CancelledError, _CallerGone):
+                raise
+            except Exception as e:  # noqa: BLE001 - every break of the stream is typed
+                put(("error", self._broken(e, received)))
+                return
+            put(("end", None))
+        except (asyncio.CancelledError, _CallerGone):
+            return
+        except RemoteError as e:  # the attempts to open it failed: typed (and redacted) already
+            put(("error", e))
+        except Exception as e:  # noqa: BLE001
+            put(("error", self._typed(e)))
+        finally:
+            if opened is not None:
+                await _close_stream(opened)
+
+    async def _open_stream(self, litellm: Any, req: dict[str, Any]) -> tuple[Any, Any]:
+        """One attempt: open the stream and read its first chunk (None: it was empty)."""
+        opened = await self._attempt(litellm, req)
+        try:
+            first = await opened.__anext__()
+        except StopAsyncIteration:
+            return opened, None
+        except BaseException as e:
+            await _close_stream(opened)
+            if isinstance(e, Exception):
+                raise self._typed(e) from None
+            raise
+        return opened, first
+
+    def _broken(self, e: Exception, received: int) -> RemoteStreamError:
+        """The typed error of a stream that broke after ``received`` chunks (redacted; not chained)."""
+        typed = self._typed(e)
+        text = f"{typed} (the stream broke after {received} chunk{'s' if received != 1 else ''})"
+        return RemoteStreamError(text, backend="litellm", model=self.model, status_code=typed.status_code)
+
+    def _stream_usage(self, litellm: Any) -> bool:
+        """Does the provider take ``stream_options.include_usage``? (litellm's word for it.)"""
+        if self._stream_options is None:
+            try:
+                _, provider, _, _ = litellm.get_llm_provider(self.model, api_base=self.api_base)
+                params = litellm.get_supported_openai_params(model=self.model, custom_llm_provider=provider) or []
+                self._stream_options = "stream_options" in params
+            except Exception:  # noqa: BLE001 - a provider litellm cannot say: count the tokens
+                self._stream_options = False
+        return self._stream_options
+
+    def _streamed(self, step: Step, assembler: ChunkAssembler, latency_s: float | None) -> Completion:
+        """The ``Completion`` of a (possibly partial) streamed answer."""
+        message = assembler.message()
+        usage = assembler.usage or {}
+        input_tokens = usage.get("prompt_tokens") or count_request(step.messages, step.tools)
+        output_tokens = usage.get("completion_tokens") or count_completion(message)
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        litellm = sys.modules.get("litellm")
+        try:
+            cost = float(sum(litellm.cost_per_token(model=self.model, prompt_tokens=input_tokens, completion_tokens=output_tokens)))
+        except Exception:  # noqa: BLE001 - an unpriced model (a local stand-in) costs nothing known
+            cost = 0.0
+        extra: dict[str, Any] = {"finish_reason": assembler.finish_reason, "streamed": True, "chunks": assembler.chunks}
+        if latency_s is not None:
+            extra["latency_s"] = latency_s
+        return Completion(
+            message=message,
+            model=assembler.model or self.model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_tokens=cached if isinstance(cached, int) else None,
+            cost_usd=cost,
+            label=self.label,
+            extra=extra,
+        )
 
     async def _attempt(self, litellm: Any, req: dict[str, Any]) -> Any:
         try:
@@ -311,6 +435,9 @@ class LiteLLMBackend(ModelBackend):
         usage = getattr(response, "usage", None)
         input_tokens = getattr(usage, "prompt_tokens", None) or count_request(step.messages, step.tools)
         output_tokens = getattr(usage, "completion_tokens", None) or count_completion(message)
+        # What the provider says its prompt cache served (None: it did not say; the accountant
+        # then estimates it from the request's prefix, as for the baseline).
+        cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", None)
         try:
             cost = float(litellm.completion_cost(completion_response=response) or 0.0)
         except Exception:  # noqa: BLE001 - an unpriced model (a local stand-in) costs nothing known
@@ -320,6 +447,7 @@ class LiteLLMBackend(ModelBackend):
             model=getattr(response, "model", None) or self.model,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
+            cached_tokens=cached if isinstance(cached, int) and not isinstance(cached, bool) else None,
             cost_usd=cost,
             label=self.label,
             extra={"finish_reason": response.choices[0].finish_reason},
@@ -329,9 +457,9 @@ class LiteLLMBackend(ModelBackend):
         """The milliwatt error for a litellm (OpenAI-style) exception."""
         litellm = import_litellm()
 
-        kw = {"backend": "litellm", "model": self.model}
-        text = redact(f"{self.model}: {getattr(e, 'message', None) or e}")
         status = getattr(e, "status_code", None)
+        kw: dict[str, Any] = {"backend": "litellm", "model": self.model, "status_code": status if isinstance(status, int) else None}
+        text = redact(f"{self.model}: {getattr(e, 'message', None) or e}")
         if isinstance(e, (litellm.Timeout, asyncio.TimeoutError)):
             return RemoteTimeout(f"{text} (timeout {self.timeout_s}s)", **kw)
         if isinstance(e, litellm.RateLimitError) or status == 429:
@@ -350,6 +478,134 @@ class LiteLLMBackend(ModelBackend):
         ):
             return RemoteBadRequest(text, **kw)
         return RemoteError(text, **kw)
+
+
+class _CallerGone(Exception):
+    """The caller's event loop is closed: nobody reads the stream any more."""
+
+
+class _LiteLLMStream(CompletionStream):
+    """The caller's end of a stream read on the backend's loop (``LiteLLMBackend.stream``).
+
+    The reader there puts ``("chunk", dict)``, then ``("end", None)`` or ``("error", typed
+    error)`` on a queue of the caller's loop (``call_soon_threadsafe``); ``__anext__`` takes
+    them. A usage-only chunk (no choices) is kept for the books, not handed on.
+    """
+
+    def __init__(self, backend: LiteLLMBackend, step: Step, loop: asyncio.AbstractEventLoop) -> None:
+        self.model = backend.model
+        self._backend = backend
+        self._step = step
+        self._loop = loop
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._assembler = ChunkAssembler()
+        self._reader: Any = None  # the concurrent future of the reader on the backend's loop
+        self._pending: tuple[str, Any] | None = None
+        self._done = False
+        self._t0 = time.perf_counter()
+        self._ended_at: float | None = None
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        """Called on the backend's loop."""
+        if item[0] != "chunk":
+            self._ended_at = time.perf_counter()
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed
+            raise _CallerGone from None
+
+    async def _first(self) -> None:
+        """Wait for the first chunk; raise the typed error when the stream could not start."""
+        try:
+            item = await self._queue.get()
+        except BaseException:
+            await self.aclose()
+            raise
+        if item[0] == "error":
+            self._done = True
+            raise item[1]
+        self._pending = item
+
+    async def __anext__(self) -> Chunk:
+        while True:
+            if self._done:
+                raise StopAsyncIteration
+            if self._pending is not None:
+                (kind, payload), self._pending = self._pending, None
+            else:
+                kind, payload = await self._queue.get()
+            if kind == "end":
+                self._done = True
+                raise StopAsyncIteration
+            if kind == "error":
+                self._done = True
+                if isinstance(payload, RemoteStreamError):
+                    payload.partial = self._assembler.message()
+                raise payload
+            self._assembler.add(payload)
+            if payload.get("choices"):
+                return payload
+
+    def completion(self) -> Completion:
+        latency = self._ended_at - self._t0 if self._ended_at is not None else None
+        return self._backend._streamed(self._step, self._assembler, latency)
+
+    async def aclose(self) -> None:
+        self._done = True
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()  # cancels the reading task on the backend's loop
+
+
+def _chunk_dict(raw: Any) -> Chunk:
+    """A litellm stream chunk as an OpenAI chunk dict, with only what it says."""
+    choices = []
+    for choice in getattr(raw, "choices", None) or []:
+        d = getattr(choice, "delta", None)
+        delta: dict[str, Any] = {}
+        if getattr(d, "role", None):
+            delta["role"] = d.role
+        if getattr(d, "content", None) is not None:
+            delta["content"] = d.content
+        calls = []
+        for position, call in enumerate(getattr(d, "tool_calls", None) or []):
+            fn = getattr(call, "function", None)
+            out: dict[str, Any] = {"index": getattr(call, "index", None) if getattr(call, "index", None) is not None else position}
+            if getattr(call, "id", None):
+                out["id"] = call.id
+                out["type"] = "function"
+            out["function"] = {k: v for k in ("name", "arguments") if (v := getattr(fn, k, None)) is not None}
+            calls.append(out)
+        if calls:
+            delta["tool_calls"] = calls
+        choices.append({"index": getattr(choice, "index", 0) or 0, "delta": delta, "finish_reason": getattr(choice, "finish_reason", None)})
+    chunk: Chunk = {
+        "id": getattr(raw, "id", None),
+        "object": "chat.completion.chunk",
+        "created": getattr(raw, "created", None),
+        "model": getattr(raw, "model", None),
+        "choices": choices,
+    }
+    usage = getattr(raw, "usage", None)
+    if usage is not None:
+        dump = usage.model_dump() if hasattr(usage, "model_dump") else dict(usage)
+        chunk["usage"] = {k: v for k, v in dump.items() if v is not None}
+    return chunk
+
+
+async def _close_stream(stream: Any) -> None:
+    """Close a litellm stream's HTTP response (best effort)."""
+    for target in (getattr(stream, "completion_stream", None), stream):
+        for name in ("aclose", "close"):
+            close = getattr(target, name, None)
+            if not callable(close):
+                continue
+            try:
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # noqa: BLE001 - closing is best effort
+                log.debug("closing a stream failed", exc_info=True)
+            break
 
 
 def _retry_after(e: Exception) -> float | None:

@@ -21,6 +21,7 @@ every prompt token, and copies the matrix into every cached state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import threading
@@ -32,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from milliwatt.energy import CpuTimer
+from milliwatt import meters
+from milliwatt.overheads import overheads
 from milliwatt.errors import BackendError, ConfigError
 from milliwatt.tier import AbortCheck, Completion, ModelBackend, current_spend
 from milliwatt.types import Step
@@ -124,12 +127,15 @@ class LlamaCppBackend(ModelBackend):
         prefix_cache_mb: int = 512,
         copy_values: bool = True,
         parallel_calls: bool = False,
+        meter: str = "auto",
     ) -> None:
         """``chat_format`` None uses the GGUF's own template. ``prefix_cache_mb`` bounds the
         RAM kept for saved prompt states (0: only the last prompt's prefix is reused).
         ``copy_values`` closes tool arguments to the values the conversation holds
         (``milliwatt.adapters.copy_values``). ``parallel_calls``: may an answer hold several
-        calls when the request does not say (``parallel_tool_calls``)?"""
+        calls when the request does not say (``parallel_tool_calls``)? ``meter``: the hardware
+        counter read around each decode (``milliwatt.meters.pick``: ``auto``, ``cpu-time``,
+        ``rapl``, ``nvml``); a named one that cannot be read stops the start."""
         self.model_path = model_path or default_gguf_path()
         self.model = Path(self.model_path).stem
         self.n_ctx = n_ctx
@@ -141,6 +147,7 @@ class LlamaCppBackend(ModelBackend):
         self.prefix_cache_mb = prefix_cache_mb
         self.copy_values = copy_values
         self.parallel_calls = parallel_calls
+        self.meter = meters.pick(meter, gpu=n_gpu_layers != 0)
         self._llama: Any = None
         self._vocab: dict[str, list[int]] | None = None
         self._lock = asyncio.Lock()
@@ -156,14 +163,15 @@ class LlamaCppBackend(ModelBackend):
 
         if not Path(self.model_path).is_file():
             raise BackendError(f"GGUF model not found: {self.model_path}", backend="llama.cpp", model=self.model)
-        llama = Llama(
-            model_path=self.model_path,
-            n_ctx=self.n_ctx,
-            n_threads=self.n_threads,
-            n_gpu_layers=self.n_gpu_layers,
-            chat_format=self.chat_format,
-            verbose=False,
-        )
+        with overheads.measure("local", "model_load", self.model):
+            llama = Llama(
+                model_path=self.model_path,
+                n_ctx=self.n_ctx,
+                n_threads=self.n_threads,
+                n_gpu_layers=self.n_gpu_layers,
+                chat_format=self.chat_format,
+                verbose=False,
+            )
         if self.prefix_cache_mb > 0:
             llama.set_cache(_prefix_cache(self.prefix_cache_mb << 20))
         return llama
@@ -233,10 +241,13 @@ class LlamaCppBackend(ModelBackend):
                 kwargs[key] = opts[key]
         if opts.get("seed", self.seed) is not None:
             kwargs["seed"] = opts.get("seed", self.seed)
+        # Compiling the answer's grammar is this answer's work: charged to the attempt.
+        timer = CpuTimer("process")
         if tools:
             try:
-                grammar = answer_grammar(tool_grammar.answer_shape(step, copy=self.copy_values, parallel=self.parallel_calls))
-                _check_grammar(llama, grammar)
+                with timer.measure():
+                    grammar = answer_grammar(tool_grammar.answer_shape(step, copy=self.copy_values, parallel=self.parallel_calls))
+                    _check_grammar(llama, grammar)
                 kwargs["grammar"] = grammar
             except Exception as e:  # the converter asserts on schema shapes it does not know
                 raise BackendError(
@@ -245,10 +256,10 @@ class LlamaCppBackend(ModelBackend):
                     model=self.model,
                 ) from e
 
-        timer = CpuTimer("process")
         call.cpu_t0 = time.process_time()
+        counter = self.meter.measure() if self.meter is not None else contextlib.nullcontext(meters.Reading())
         try:
-            with timer.measure():
+            with timer.measure(), counter as reading:
                 done = tool_grammar.repeats_a_call if tools else None
                 text, finish, aborted = self._decode(llama, kwargs, recorder, judged, abort, max_tokens, call.cancel, done)
                 if tools and not aborted and (whole := tool_grammar.without_repeats(text)) != text:
@@ -283,6 +294,8 @@ class LlamaCppBackend(ModelBackend):
             token_logprobs=tuple(logprobs),
             choice_logprobs=tuple(choices),
             cpu_seconds=timer.seconds,
+            joules=reading.joules,
+            meter=self.meter.name if reading.joules is not None and self.meter is not None else None,
             extra=extra,
         )
 

@@ -15,7 +15,7 @@ import platform
 import time
 from pathlib import Path
 
-from milliwatt.energy import REMOTE_COEFFICIENTS_VERSION, RemoteEnergyModel
+from milliwatt.energy import RemoteEnergyModel
 
 MODEL = "openai/gpt-4o"
 # (name, input tokens, output tokens, published figure in Wh or None, whose)
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             "low": e.low_wh, "point": e.point_wh, "high": e.high_wh,
             "prefill_point": e.point_wh - out_only.point_wh, "published": published, "source": source,
         })  # fmt: skip
-    print(f"{MODEL}, coefficients {REMOTE_COEFFICIENTS_VERSION}")
+    print(f"{MODEL}, coefficients {RemoteEnergyModel().version}")
     for r in rows:
         pub = f"{r['published']:.2f} Wh ({r['source']})" if r["published"] is not None else r["source"]
         print(
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json_out:
         doc = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} python {platform.python_version()}",
-               "model": MODEL, "coefficients": REMOTE_COEFFICIENTS_VERSION, "rows": rows}  # fmt: skip
+               "model": MODEL, "coefficients": RemoteEnergyModel().version, "rows": rows}  # fmt: skip
         Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 

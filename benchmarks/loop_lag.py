@@ -40,6 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from milliwatt.meters import cpu_model
+
 RULES = """\
 pack: bench
 rules:
@@ -141,15 +143,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version()}
+    return {"nproc": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version()}
 
 
 def start_stub() -> tuple[subprocess.Popen[str], str]:

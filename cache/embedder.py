@@ -82,15 +82,18 @@ class Embedder:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             # Offline by argument, not by HF_HUB_OFFLINE: the bundled files (or a local path, or a
             # model already in the Hugging Face cache), never a download.
-            self._model = SentenceTransformer(
-                self.model_path or bundled_model_path(), device=device, local_files_only=True
-            )
+            from milliwatt.overheads import overheads
+
+            with overheads.measure("cache", "model_load", "sentence-transformers embedding model"):
+                self._model = SentenceTransformer(
+                    self.model_path or bundled_model_path(), device=device, local_files_only=True
+                )
         return self._model
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, float]:
         """Embed texts in one batch (blocking). Returns (float32 [n, dim], CPU seconds of the batch).
 
-        Loading the model is not charged: it happens once, not per query.
+        Loading the model is charged apart, once (``milliwatt.overheads``), not to a query.
         """
         with self._lock:
             model = self._load()

@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
+
 from milliwatt.errors import ConfigError
 from milliwatt.files import write_atomic
+from milliwatt.overheads import overheads
 from milliwatt.redaction import get_logger
 
 from .scope import SCOPE_VERSION
@@ -164,7 +166,8 @@ def load(store: Store, folder: str | os.PathLike[str], model: str) -> int:
     if parsed:  # in one call: a partition past the store's hnsw_from builds its graph on every core
         vecs = index.index.reconstruct_n(0, index.ntotal)
         row = {int(i): n for n, i in enumerate(ids)}
-        store.add_many(parsed, vecs[[row[e.id] for e in parsed]])
+        with overheads.measure("cache", "index_build", f"{len(parsed)} entries from {index_path}"):
+            store.add_many(parsed, vecs[[row[e.id] for e in parsed]])
     return len(parsed)
 
 

@@ -39,13 +39,14 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from milliwatt.calibration import clopper_pearson_lower
 from milliwatt.energy import CpuCoefficients, CpuTimer, cpu_energy
 from milliwatt.errors import ConfigError, InvalidRequestError
+from milliwatt.overheads import overheads
 from milliwatt.quality import agreement
 from milliwatt.redaction import get_logger
 from milliwatt.side_effects import ReadOnlyTools
@@ -59,6 +60,8 @@ from .key import Situation, StepKey, situation, step_key
 from .scope import canonical_json, uncacheable_reason
 from .store import Entry, Store
 from .template import BindError, Context, make_template
+
+_R = TypeVar("_R")
 
 DEFAULT_TTL_S = 24 * 3600.0  # answers about bookings, stock or status go stale
 DEFAULT_MAX_ENTRIES = 50_000  # ~75 MB of vectors
@@ -92,7 +95,7 @@ class CacheTier(Tier):
         token_budget: int | None = None,
         tool_policy: Mapping[str, str] | None = None,
         embedder: Embedder | None = None,
-        coefficients: CpuCoefficients = CpuCoefficients(),
+        coefficients: CpuCoefficients | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if ttl_s is not None and not ttl_s > 0:
@@ -111,7 +114,7 @@ class CacheTier(Tier):
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.token_budget = token_budget
-        self.coefficients = coefficients
+        self.coefficients = coefficients or CpuCoefficients.of()
         self.embedder = embedder or Embedder()
         self._owns_embedder = embedder is None
         self._clock = clock
@@ -341,14 +344,17 @@ class CacheTier(Tier):
         entries = [Entry(id=0, scope=key.scope, history=key.history, tail=key.tail, text=key.text, literals=key.literals,
                          message=answer, source=source, created_at=now, expires_at=expires)]  # fmt: skip
         # Parsing every tool result of a long conversation is CPU work: off the event loop.
-        template = await asyncio.to_thread(make_template, step.messages, answer) if self.templates else None
+        template, template_s = await asyncio.to_thread(_timed, make_template, step.messages, answer) if self.templates else (None, 0.0)
         if template is not None:
             where = situation(step, key.scope)
             entries.append(Entry(id=0, scope=where.scope, history="situation", tail=where.shape, text=where.text,
                                  literals=frozenset(), message=answer, source=source, created_at=now,
                                  expires_at=expires, template=template))  # fmt: skip
         vectors = await asyncio.gather(*(self.embedder.embed(e.text) for e in entries))
-        await asyncio.to_thread(self._add, entries, [v for v, _ in vectors], now)
+        _, add_s = await asyncio.to_thread(_timed, self._add, entries, [v for v, _ in vectors], now)
+        # Writing back serves later steps, not this one: charged apart (milliwatt.overheads).
+        cpu = template_s + sum(s for _, s in vectors) + add_s
+        overheads.report(self.name, "write_back", cpu, f"{len(entries)} entries from {source}")
 
     def _add(self, entries: list[Entry], vectors: list[np.ndarray], now: float) -> None:
         # Each store write is all or nothing (store.py): if one fails, the store is as it
@@ -474,3 +480,10 @@ class Candidate:
             "features": {k: round(v, 6) for k, v in self.features.items()},
             "answer": self.message,
         }
+
+
+def _timed(fn: Callable[..., _R], *args: Any) -> tuple[_R, float]:
+    """``fn(*args)`` and the CPU seconds of this thread it took."""
+    t0 = time.thread_time()
+    result = fn(*args)
+    return result, time.thread_time() - t0

@@ -28,7 +28,7 @@ class RulesTier(Tier):
     def __init__(self, packs: PathsLike = (), *, cpu: CpuCoefficients | None = None) -> None:
         """``packs``: rule files and folders of ``*.yaml``; none by default, so a rules tier
         answers nothing until a team gives it rules."""
-        self._cpu = cpu or CpuCoefficients()
+        self._cpu = cpu or CpuCoefficients.of()
         self._packs: list[str] = []
         self._ruleset = RuleSet()
         self.load(packs)

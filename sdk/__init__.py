@@ -17,6 +17,7 @@ from .errors import (  # noqa: E402
     RemoteBadRequest,
     RemoteError,
     RemoteRateLimited,
+    RemoteStreamError,
     RemoteTimeout,
     RemoteUnavailable,
     RuleFileError,
@@ -26,7 +27,7 @@ from .registry import register_tier  # noqa: E402
 from .tier import Completion, ModelBackend, Tier  # noqa: E402
 from .types import Attempt, Energy, Step, StepMeta, StepRecord, StepResult, TierResult  # noqa: E402
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 __all__ = [
     "Milliwatt",
@@ -50,6 +51,7 @@ __all__ = [
     "RemoteTimeout",
     "RemoteRateLimited",
     "RemoteUnavailable",
+    "RemoteStreamError",
     "RemoteBadRequest",
     "RemoteAuthError",
     "NoTierAnswered",

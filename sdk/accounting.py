@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from .energy import RemoteEnergyModel
+from .energy import CpuCoefficients, RemoteEnergyModel, cpu_energy
 from .ids import new_step_id
+from .meters import hardware
+from .overheads import overheads
 from .pricing import cost_usd
-from .tokens import PER_MESSAGE, TokenCounter
+from .tokens import DEFAULT_ENCODING, PER_MESSAGE, TokenCounter, encoding_for_model
+from .trimming.prefix import PrefixTracker
 from .types import Attempt, Energy, Message, Step, StepRecord, TierResult
 
 if TYPE_CHECKING:
@@ -37,22 +41,31 @@ class Accountant:
     """Counts a step's tokens and builds its ``StepRecord``.
 
     ``frontier_model`` is the model of the counterfactual: the untrimmed step answered by it,
-    with an answer as long as the one given, estimated by ``energy_model``.
+    with an answer as long as the one given, estimated by ``energy_model`` (whose coefficient
+    set prices every figure of the record). The baseline's tokens are counted with the
+    frontier model's own tokenizer where one is known offline, and the provider's prompt cache
+    serves it the prefix its previous request in the session shares, as it would have.
     """
 
     def __init__(
         self,
         frontier_model: str,
         *,
-        encoding: str = "o200k_base",
+        encoding: str = DEFAULT_ENCODING,
         energy_model: RemoteEnergyModel | None = None,
         counter: TokenCounter | None = None,
     ) -> None:
         self.frontier_model = frontier_model
         self.encoding = encoding
         self.energy_model = energy_model or RemoteEnergyModel()
+        self.coefficients = self.energy_model.coefficients
+        self.cpu = CpuCoefficients.of(self.coefficients)
         # Shared with the trimmers, which count the same messages.
         self.counter = counter or TokenCounter(encoding)
+        baseline_encoding, own = encoding_for_model(frontier_model)
+        self.baseline_tokenizer = baseline_encoding if own else f"{baseline_encoding} (approximation)"
+        self.baseline_counter = self.counter if baseline_encoding == self.counter.encoding else TokenCounter(baseline_encoding)
+        self._baseline_prefix = PrefixTracker()
         # Answer lengths whose counterfactual was estimated: EcoLogits' part of the estimate
         # depends only on the length, and milliwatt.energy memoises it.
         self._estimated_lengths: set[int] = set()
@@ -63,9 +76,9 @@ class Accountant:
         """Input tokens of the step as the agent sent it (messages, framing, tool schemas)."""
         return self.counter.request(step.messages, step.tools)
 
-    def completion_tokens(self, message: Message) -> int:
+    def completion_tokens(self, message: Message, counter: TokenCounter | None = None) -> int:
         """Output tokens of an assistant message, as ``milliwatt.tokens.count_completion``."""
-        return self.counter.message(message) - PER_MESSAGE if message else 0
+        return (counter or self.counter).message(message) - PER_MESSAGE if message else 0
 
     def cached_tokens_raw(self, step: Step) -> int | None:
         """``tokens_raw`` when every part of the step was counted before (no tokenising: cheap
@@ -76,7 +89,7 @@ class Accountant:
 
     def can_record_inline(self, tokens_raw: int | None, message: Message | None = None) -> bool:
         """True when ``record`` would neither tokenise nor ask EcoLogits for a new estimate."""
-        if tokens_raw is None:
+        if tokens_raw is None or self.baseline_counter is not self.counter:
             return False
         if not message:
             return 0 in self._estimated_lengths
@@ -107,13 +120,19 @@ class Accountant:
         if tokens_raw is None:
             tokens_raw = self.tokens_raw(step)
         message = message if answer is not None and message is not None else {}
-        out_tokens = self.completion_tokens(message)
         # The counterfactual: the same step, untrimmed, answered by the frontier model with an
-        # answer as long as the one given.
-        baseline = self.energy_model.estimate(self.frontier_model, tokens_raw, out_tokens)
+        # answer as long as the one given, counted with its tokenizer, its prefix cached.
+        if self.baseline_counter is self.counter:
+            baseline_in, out_tokens = tokens_raw, self.completion_tokens(message)
+        else:
+            baseline_in = self.baseline_counter.request(step.messages, step.tools)
+            out_tokens = self.completion_tokens(message, self.baseline_counter)
+        baseline_cached = self.coefficients.prompt_cache.cached(self._baseline_prefix.observe(step, self.baseline_counter))
+        baseline = self.energy_model.estimate(self.frontier_model, baseline_in, out_tokens, cached_tokens=baseline_cached)
         if len(self._estimated_lengths) >= 4096:
             self._estimated_lengths.clear()
         self._estimated_lengths.add(out_tokens)
+        attempts = tuple(self.priced(a) for a in attempts)
         energy = Energy.zero()
         for a in attempts:
             energy = energy + a.energy
@@ -131,11 +150,42 @@ class Accountant:
             energy=energy,
             cost_usd=sum(a.cost_usd for a in attempts),
             baseline_energy=baseline,
-            baseline_cost_usd=cost_usd(self.frontier_model, tokens_raw, out_tokens),
+            baseline_cost_usd=cost_usd(self.frontier_model, baseline_in, out_tokens, baseline_cached, self._price_weight),
             baseline_model=self.frontier_model,
-            attempts=tuple(attempts),
+            attempts=attempts,
             request=step.to_openai(),
             response=message,
             input_tokens_prefix=sent.prefix_tokens if answer and sent else 0,
             trimmed=sent if answer else None,
+            baseline_input_tokens=baseline_in,
+            baseline_cached_tokens=baseline_cached,
+            baseline_output_tokens=out_tokens,
+            baseline_tokenizer=self.baseline_tokenizer,
+            coefficients=self.coefficients.version,
+            hardware=hardware(),
+            overheads=tuple((o, cpu_energy(o.cpu_seconds, self.cpu)) for o in overheads.drain()),
         )
+
+    @property
+    def _price_weight(self) -> float:
+        return self.coefficients.prompt_cache.price_weight.value
+
+    def priced(self, a: Attempt) -> Attempt:
+        """A remote attempt whose provider did not say what its prompt cache served: the
+        prefix it shares with the session's previous request to that tier, as the baseline
+        gets, at the cached weight, in energy and in cost. Other attempts are as their tier
+        priced them (stamped with the set's version if their tier did not say)."""
+        observed = a.energy.observed
+        if a.energy.method != "estimate" or observed is None or observed.model is None or observed.cached_tokens is not None:
+            # Every figure names the coefficient set, the zero of a skipped attempt included.
+            return a if a.energy.version else replace(a, energy=replace(a.energy, version=self.coefficients.version))
+        cached = min(self.coefficients.prompt_cache.cached(a.prefix_tokens), a.input_tokens)
+        latency = a.latency_s if observed.model == a.model else None
+        energy = self.energy_model.estimate(observed.model, a.input_tokens, a.output_tokens, latency, cached_tokens=cached)
+        # Stored as not reported (null): the estimate follows from prefix_tokens and the
+        # coefficient set, so a recomputation with another set derives it again.
+        energy = replace(energy, observed=replace(energy.observed, cached_tokens=None))
+        # The list price the provider would bill with its cache (a model litellm does not
+        # price, a stand-in's, stays unpriced).
+        cost = cost_usd(a.model, a.input_tokens, a.output_tokens, cached, self._price_weight) if a.cost_usd and a.model else a.cost_usd
+        return replace(a, energy=energy, cost_usd=cost)

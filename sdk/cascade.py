@@ -23,6 +23,15 @@ Shadow checks: a tier that answered may ask (``TierResult.shadow``) that its ans
 checked. The caller gets the answer at once; the later tiers answer the step in the
 background, the first answer goes to the checked tier's ``remember``, and the step is
 recorded with those ``shadow`` attempts and their energy and cost.
+
+Streaming (``stream``): the same choice of tier (``_choose``), the same books (``_finish``,
+``_account``). The answering tier streams if it can (``Tier.stream``); its chunks are relayed
+as they come, and the step is recorded when the stream ends. A stream the reader closes or
+cancels is recorded ``cancelled``, one that breaks is the tier's ``error`` attempt: either way
+with the answer as far as it came (``partial`` in the attempt's evidence) and its energy.
+
+Claims: a tier may claim a step before the cheaper ones are asked (``Tier.claim``: a session
+pinned to the remote tier); the tiers before it are recorded as ``skipped``, with its reason.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import logging
 import pickle
 import time
 import traceback
-from collections.abc import Collection, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -43,7 +52,8 @@ from .accounting import CANCELLED, FAILED, Accountant
 from .energy import RemoteEnergyModel, cpu_energy
 from .errors import BackendError, MilliwattError, NoTierAnswered
 from .redaction import get_logger, redact
-from .tier import Spend, Tier, spending
+from .streaming import Chunk, StepStream, StreamOutcome, content_of, finish_reason, message_chunks, split_tool_calls
+from .tier import Claim, Spend, Tier, TierStream, claiming, spending
 from .tokens import TokenCounter
 from .trimming import Trimmed, Trimmer, wanted
 from .types import Attempt, Energy, Message, Step, StepRecord, StepResult, TierResult
@@ -67,7 +77,22 @@ class _Progress:
     tokens_raw: int | None = None
     attempts: list[Attempt] = field(default_factory=list)
     current: tuple[str, float, Spend] | None = None  # the attempt in progress: tier, start, spend
+    streaming: tuple[str, float, TierStream] | None = None  # the answer being streamed: tier, start, stream
     handed_on: bool = False  # the record went to the sink
+
+
+@dataclass
+class _Chosen:
+    """The tier that answers a step: its result, or the stream it answers in (its first chunk
+    in), with the request it was sent and the step as each tier was asked it."""
+
+    index: int
+    trimmed: Trimmed
+    a0: float
+    asked: dict[str, Step]
+    result: TierResult | None = None
+    stream: TierStream | None = None
+    claim: Claim | None = None  # the claim it was asked under
 
 
 class Cascade:
@@ -110,7 +135,23 @@ class Cascade:
             await self._record_cancelled(progress)
             raise
 
+    def stream(self, step: Step) -> StepStream:
+        """Answer the step as a stream of OpenAI chunks (``milliwatt.streaming.StepStream``).
+
+        The tiers are asked as ``run`` asks them; the one that answers streams its answer if
+        it can (``Tier.stream``: the remote tier), else its whole answer is one chunk. A failure
+        before the first chunk is handled as in ``run`` (the next tier, or the typed error);
+        the record is written when the stream ends, before its last chunk is handed out.
+        """
+        return StepStream(lambda out: self._stream(step, out))
+
     async def _run(self, p: _Progress) -> StepResult:
+        chosen = await self._choose(p)
+        assert chosen.result is not None
+        return await self._finish(p, chosen, chosen.result)
+
+    async def _choose(self, p: _Progress, *, streaming: bool = False) -> _Chosen:
+        """Ask the tiers in order until one answers (or, ``streaming``, starts a stream)."""
         step = p.step
         tokens_raw = self.accountant.cached_tokens_raw(step)
         if tokens_raw is None:
@@ -118,21 +159,23 @@ class Cascade:
         p.tokens_raw = tokens_raw
         attempts = p.attempts
         last = len(self.tiers) - 1
+        claimed, claim = self._claimed(step)
         skip_to: str | None = None
-        answer: TierResult | None = None
         asked: dict[str, Step] = {}  # the step as each tier was asked it, for write-back
-        sent: Trimmed | None = None
-        answered_at = 0
         for index, tier in enumerate(self.tiers):
+            if claim is not None and index < claimed and tier.name not in claim.keep:
+                attempts.append(_skipped(tier.name, claim.reason))
+                continue
             if skip_to is not None and tier.name != skip_to:
                 attempts.append(_skipped(tier.name, f"routed to {skip_to}"))
                 continue
             skip_to = None
             a0 = time.perf_counter()
-            with spending() as spend:
+            under = claim if index == claimed else None
+            with spending() as spend, claiming(under):
                 p.current = (tier.name, a0, spend)
                 try:
-                    result, trimmed, a0 = await self._ask(tier, step, tokens_raw, attempts, a0)
+                    result, trimmed, a0 = await self._ask(tier, step, tokens_raw, attempts, a0, streaming=streaming)
                     asked[tier.name] = trimmed.step
                 except Exception as e:  # noqa: BLE001 - any failure of a tier is a reason to go on
                     p.current = None
@@ -149,18 +192,35 @@ class Cascade:
                     _log_traceback(e)
                     continue
                 p.current = None
+            if isinstance(result, TierStream):
+                return _Chosen(index, trimmed, a0, asked, stream=result, claim=under)
             attempts.append(_attempted(result, trimmed, time.perf_counter() - a0))
             if result.answered:
-                answer, sent, answered_at = result, trimmed, index
-                break
+                return _Chosen(index, trimmed, a0, asked, result=result, claim=under)
             # Only a route to a later tier is obeyed: one to a tier this cascade does not
             # have, or one already passed, would skip every later tier and fail the step.
             later = {t.name for t in self.tiers[index + 1 :]}
             skip_to = result.skip_to if result.skip_to in later else None
-        if answer is None:
-            await self._hand_on_quietly(p, await self._account(p))
-            raise NoTierAnswered("every tier passed: " + "; ".join(f"{a.tier}: {a.reason}" for a in attempts))
+        await self._hand_on_quietly(p, await self._account(p))
+        raise NoTierAnswered("every tier passed: " + "; ".join(f"{a.tier}: {a.reason}" for a in attempts))
 
+    def _claimed(self, step: Step) -> tuple[int, Claim | None]:
+        """The first tier that claims the step (``Tier.claim``: a pinned session), if any."""
+        for index, tier in enumerate(self.tiers[1:], 1):
+            try:
+                claim = tier.claim(step)
+            except Exception as e:  # noqa: BLE001 - a claim is an optimisation, never worth the step
+                log.warning("tier %s could not say whether it claims a step: %s", tier.name, redact(f"{type(e).__name__}: {e}"))
+                continue
+            if claim is not None:
+                return index, claim
+        return 0, None
+
+    async def _finish(self, p: _Progress, chosen: _Chosen, answer: TierResult) -> StepResult:
+        """The step is answered: write back, record, hand the record on (after a shadow check,
+        if one was asked for)."""
+        step, asked, answered_at, sent = p.step, chosen.asked, chosen.index, chosen.trimmed
+        last = len(self.tiers) - 1
         message = snapshot(answer.message or {})
         if answer.cacheable:
             self._learn(step, message)
@@ -180,8 +240,126 @@ class Cascade:
             self._spawn_write(self._shadow_check(p, asked, answered_at, answer, message, sent))
         else:
             await self._hand_on(p, record)
+        try:
+            await self.tiers[answered_at].answered(step, answer)
+        except Exception as e:  # noqa: BLE001 - what a tier makes of its answer is never worth the answer
+            log.warning("tier %s could not take note of its answer: %s", answer.tier, redact(f"{type(e).__name__}: {e}"))
         # The caller's copy: what it does to it cannot change the record the writer serialises.
         return StepResult(snapshot(message), record)
+
+    async def _stream(self, step: Step, out: StreamOutcome) -> AsyncGenerator[Chunk, None]:
+        """``stream``'s chunks: the answering tier's, relayed; the step recorded at the end.
+
+        The chunk with the ``finish_reason`` (and any after it) is held until the step is
+        recorded, so a reader that stops at it leaves a complete record. When trimming withheld
+        tool schemas, tool-call deltas are held to the end: an answer asking for withheld
+        schemas is not handed on, and the tier is asked again with them (whole), as in ``run``.
+        """
+        p = _Progress(step, time.time(), time.perf_counter())
+        try:
+            chosen = await self._choose(p, streaming=True)
+            if chosen.stream is None:
+                assert chosen.result is not None
+                out.result = await self._finish(p, chosen, chosen.result)
+                record = out.result.record
+                for chunk in message_chunks(out.result.message, model=record.model, chunk_id=f"chatcmpl-{record.step_id}"):
+                    yield chunk
+                return
+            tier = self.tiers[chosen.index]
+            stream, trimmed, a0 = chosen.stream, chosen.trimmed, chosen.a0
+            p.streaming = (tier.name, a0, stream)
+            hold = bool(trimmed.withheld)
+            held: list[Chunk] = []
+            tail: list[Chunk] = []
+            sent: list[str] = []  # the content handed on
+            while True:
+                try:
+                    chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
+                except Exception as e:  # noqa: BLE001 - typed for the caller in _broken
+                    await self._broken(p, e)
+                    raise AssertionError("unreachable") from None
+                if tail or finish_reason(chunk):
+                    tail.append(chunk)
+                    continue
+                if hold:
+                    rest, calls = split_tool_calls(chunk)
+                    if calls is not None:
+                        held.append(calls)
+                    if rest is None:
+                        continue
+                    chunk = rest
+                sent.append(content_of(chunk))
+                yield chunk
+            try:
+                result = await stream.result()
+            except Exception as e:  # noqa: BLE001 - its books could not be kept: a break, recorded as one
+                await self._broken(p, e)
+                raise AssertionError("unreachable") from None
+            p.streaming = None
+            await stream.aclose()
+            answer, tail = await self._after_stream(p, chosen, tier, result, held + tail, "".join(sent))
+            out.result = await self._finish(p, chosen, answer)
+            for chunk in tail:
+                yield chunk
+        except asyncio.CancelledError:
+            await self._record_cancelled(p)
+            raise
+        except GeneratorExit:
+            await self._record_cancelled(p, "the reader closed the stream")
+            raise
+
+    async def _after_stream(
+        self, p: _Progress, chosen: _Chosen, tier: Tier, result: TierResult, tail: list[Chunk], sent: str
+    ) -> tuple[TierResult, list[Chunk]]:
+        """A streamed answer has ended: record its attempt, unless it asks for tool schemas
+        trimming withheld; then the tier is asked again with them, and that answer's chunks
+        follow (its content only if none was handed on yet: what was sent cannot be taken back,
+        so the answer recorded is what the reader got)."""
+        a0, trimmed = chosen.a0, chosen.trimmed
+        if not (chosen.trimmed.withheld and wanted(result.message, trimmed)):
+            p.attempts.append(_attempted(result, trimmed, time.perf_counter() - a0))
+            return result, tail
+        with spending() as spend, claiming(chosen.claim):
+            p.current = (tier.name, a0, spend)
+            try:
+                again, trimmed, a0 = await self._unwithhold(tier, p.step, p.tokens_raw or 0, p.attempts, a0, result, trimmed)
+            except Exception as e:  # noqa: BLE001 - typed for the caller below
+                p.current = None
+                reason = redact(f"{type(e).__name__}: {e}")
+                p.attempts.append(_failed(tier.name, reason, e, time.perf_counter() - a0))
+                await self._hand_on_quietly(p, await self._account(p))
+                if isinstance(e, MilliwattError):
+                    raise
+                raise BackendError(f"{tier.name} failed: {reason}", backend=tier.name) from e
+            p.current = None
+        chosen.trimmed, chosen.a0, chosen.asked[tier.name] = trimmed, a0, trimmed.step
+        p.attempts.append(_attempted(again, trimmed, time.perf_counter() - a0))
+        if not again.answered:  # the stream's reader cannot be sent on to a later tier: the step fails
+            await self._hand_on_quietly(p, await self._account(p))
+            raise NoTierAnswered(f"{tier.name} passed when asked again with the tool schemas it asked for: {again.reason}")
+        message = dict(again.message or {})
+        if sent:
+            message["content"] = sent
+        return replace(again, message=message), message_chunks({**message, "content": None if sent else message.get("content")}, model=again.model)
+
+    async def _broken(self, p: _Progress, error: Exception) -> None:
+        """The answer's stream broke part-way: record the partial answer and its energy as
+        the tier's ``error`` attempt, then raise the error, typed (``RemoteStreamError`` from
+        the remote tier)."""
+        assert p.streaming is not None
+        name, a0, stream = p.streaming
+        p.streaming = None
+        reason = redact(f"{type(error).__name__}: {error}")
+        p.attempts.append(await _cut(stream, "error", reason, time.perf_counter() - a0))
+        await stream.aclose()
+        log.warning("tier %s: the answer's stream broke: %s", name, reason)
+        _log_traceback(error)
+        await self._hand_on_quietly(p, await self._account(p))
+        if isinstance(error, MilliwattError):
+            raise error
+        raise BackendError(f"{name} failed: {reason}", backend=name) from error
 
     async def _shadow_check(
         self, p: _Progress, asked: dict[str, Step], answered_at: int, answer: TierResult, message: Message, sent: Trimmed | None
@@ -223,19 +401,31 @@ class Cascade:
         if self.sink is not None:
             await self.sink.write(record)
 
-    async def _ask(self, tier: Tier, step: Step, tokens_raw: int, attempts: list[Attempt], a0: float) -> tuple[TierResult, Trimmed, float]:
+    async def _ask(
+        self, tier: Tier, step: Step, tokens_raw: int, attempts: list[Attempt], a0: float, *, streaming: bool = False
+    ) -> tuple[TierResult | TierStream, Trimmed, float]:
         """Trim the step for ``tier`` and ask it; return the result, the request it answered
         and when that request started. An answer that asks for tools whose schemas trimming
         withheld (it calls one, or the index of them) is not an answer: it is recorded as a
         passed attempt and the tier is asked again with those schemas (and, should it ask
-        again, with all of them)."""
+        again, with all of them). ``streaming``: the tier may answer with a ``TierStream``
+        (what it asks for is then seen when it ends: ``_after_stream``)."""
         trimmed = await self._trim(step, tier, tokens_raw)
         if not trimmed.fits:
             # A token budget is what the tier can take (a local model's window, or what runs
             # fast enough on a CPU): what must stay of the step is more, so it is not asked.
             reason = f"{trimmed.tokens_after} input tokens after trimming exceed the tier's token budget of {tier.token_budget}"
             return TierResult.passed(tier.name, reason), trimmed, a0
-        result = await tier.attempt(trimmed.step)
+        result = await (tier.stream(trimmed.step) if streaming else tier.attempt(trimmed.step))
+        if isinstance(result, TierStream):
+            return result, trimmed, a0
+        return await self._unwithhold(tier, step, tokens_raw, attempts, a0, result, trimmed)
+
+    async def _unwithhold(
+        self, tier: Tier, step: Step, tokens_raw: int, attempts: list[Attempt], a0: float, result: TierResult, trimmed: Trimmed
+    ) -> tuple[TierResult, Trimmed, float]:
+        """While ``result`` asks for tool schemas trimming withheld, record it as passed and ask
+        the tier again with them (then with all of them); return the last answer."""
         reveal: set[str] = set()
         for last_try in (False, True):
             asked_for = wanted(result.message, trimmed) if result.answered else frozenset()
@@ -300,9 +490,10 @@ class Cascade:
         except Exception:  # noqa: BLE001 - logged by _finished_write
             return
 
-    async def _record_cancelled(self, p: _Progress) -> None:
+    async def _record_cancelled(self, p: _Progress, why: str = "cancelled by the caller") -> None:
         """Record a step the caller cancelled: the attempts completed, plus the one cut off
-        with what its tier says it spent so far."""
+        with what its tier says it spent so far (a stream cut off: the partial answer, charged
+        for what was received; the stream is stopped)."""
         if p.handed_on:
             return
         p.handed_on = True
@@ -312,14 +503,24 @@ class Cascade:
             elapsed = time.perf_counter() - a0
             energy = spend.energy or (cpu_energy(spend.cpu_seconds) if spend.cpu_seconds > 0 else Energy.zero())
             attempts.append(
-                Attempt(name, "cancelled", f"cancelled by the caller after {elapsed:.3f} s in this tier", None, None, 0, 0, elapsed, energy, 0.0)
+                Attempt(name, "cancelled", f"{why} after {elapsed:.3f} s in this tier", None, None, 0, 0, elapsed, energy, 0.0)
             )
-        log.info("step cancelled by the caller after %d attempt(s)", len(attempts))
-        if self.sink is None:
+        streaming, p.streaming = p.streaming, None
+        log.info("step cancelled by the caller after %d attempt(s)", len(attempts) + (streaming is not None))
+        if self.sink is None and streaming is None:
             return
         sink = self.sink
 
         async def account_and_write() -> None:
+            if streaming is not None:
+                _, a0, stream = streaming
+                elapsed = time.perf_counter() - a0
+                try:
+                    attempts.append(await _cut(stream, "cancelled", f"{why} after {elapsed:.3f} s of its stream", elapsed))
+                finally:
+                    await stream.aclose()
+            if sink is None:
+                return
             record = await self._account(p, outcome=CANCELLED, attempts=attempts)
             await sink.write(record)
 
@@ -405,6 +606,30 @@ def trim_evidence(trimmed: Trimmed) -> dict[str, Any]:
     if trimmed.withheld:
         out["withheld"] = list(trimmed.withheld)
     return out
+
+
+async def _cut(stream: TierStream, outcome: str, reason: str, latency: float) -> Attempt:
+    """The attempt of a stream cut off (``cancelled``) or broken (``error``): the answer as far
+    as it came is its evidence (``partial``), charged for the tokens received."""
+    try:
+        partial = await stream.partial()
+    except Exception as e:  # noqa: BLE001 - what it spent is unknown; the step is still recorded
+        log.warning("the partial answer of a %s stream could not be charged: %s", stream.tier, redact(f"{type(e).__name__}: {e}"))
+        return Attempt(stream.tier, outcome, reason, None, None, 0, 0, latency, Energy.zero(), 0.0)  # type: ignore[arg-type]
+    return Attempt(
+        tier=stream.tier,
+        outcome=outcome,  # type: ignore[arg-type]
+        reason=reason,
+        signal=None,
+        model=partial.model,
+        input_tokens=partial.input_tokens,
+        output_tokens=partial.output_tokens,
+        latency_s=latency,
+        energy=partial.energy,
+        cost_usd=partial.cost_usd,
+        label=partial.label,
+        evidence={**(partial.evidence or {}), "partial": partial.message},
+    )
 
 
 def _skipped(tier: str, reason: str) -> Attempt:

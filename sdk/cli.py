@@ -29,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="print JSON instead of text")
     report.add_argument("--html", metavar="OUT", help="also write a self-contained HTML page with charts")
     report.add_argument("--png-dir", metavar="DIR", help="with --html: also write each chart as PNG here")
+    report.add_argument("--recompute", action="store_true",
+                        help="recompute every energy and cost figure from the stored observations (the ledger is only read)")
+    report.add_argument("--coefficients", metavar="FILE",
+                        help="with --recompute: a coefficient file or shipped version (default: the current one)")  # fmt: skip
     replay_arguments(sub.add_parser("replay", help="replay recorded agent traffic through the cascade; judge each answer"))
     local_calibrate_arguments(sub.add_parser("calibrate", help="fit the local tier's gate to a precision from the answers a ledger recorded"))
     rules = sub.add_parser("rules", help="work with rule packs")
@@ -60,15 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.json_out, "w") as f:
                     json.dump(summary, f, indent=2)
         elif args.command == "report":
-            from .reports.summary import format_summary, summarize
+            from .reports.recompute import run_report
 
-            summary = summarize(args.ledger)
-            print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
-            if args.html:
-                from .reports.html import write_html_report
-
-                page = write_html_report(args.ledger, args.html, png_dir=args.png_dir)
-                print(f"HTML report: {page}", file=sys.stderr)
+            return run_report(args)
         elif args.command == "replay":
             return run_replay(args)
         elif args.command == "calibrate":

@@ -6,6 +6,8 @@
 
 (``Milliwatt.from_config`` builds the same client for code without an event loop.)
 
+``Milliwatt.stream`` answers the same step as a stream of OpenAI chunks (``milliwatt.streaming``).
+
 One instance serves many concurrent agents: the cascade keeps no per-step state, and each
 tier serialises only what must be (a llama.cpp context, the ledger's writer thread).
 """
@@ -22,6 +24,7 @@ from .energy import RemoteEnergyModel
 from .tier import Tier
 from .tokens import TokenCounter
 from .trimming import Trimmer, build_trimmer
+from .streaming import StepStream
 from .types import Step, StepMeta, StepResult
 
 
@@ -66,7 +69,7 @@ class Milliwatt:
         settings = load_settings(config)
         # Every step's counterfactual needs these: check them now, and load them off the loop.
         require_price(settings.frontier_model, "frontier_model")
-        check_energy_model(settings.frontier_model, "frontier_model")
+        check_energy_model(settings.frontier_model, "frontier_model", settings)
         # Tiers load their models on first use, so a failure here leaves nothing to release.
         tiers = [build_tier(name, settings) for name in settings.tiers]
         ledger: RecordSink | None = None
@@ -81,7 +84,8 @@ class Milliwatt:
             name: build_trimmer(getattr(settings.section(name), "trim", ()), settings.trim, counter)
             for name in settings.tiers
         }  # fmt: skip
-        return cls(tiers, frontier_model=settings.frontier_model, ledger=ledger, trimmers=trimmers)
+        energy_model = RemoteEnergyModel(settings.energy.resolve())
+        return cls(tiers, frontier_model=settings.frontier_model, ledger=ledger, trimmers=trimmers, energy_model=energy_model)
 
     @classmethod
     async def open(
@@ -141,16 +145,66 @@ class Milliwatt:
         at the next turn of the loop: do not change the request before yielding to it.)
         The returned ``message`` is the caller's own copy too.
         """
+        step = self._step(messages, tools, tool_choice, response_format, session_id, run_id, tenant, agent, user, metadata, options)
+        return await self.cascade.run(step)
+
+    def stream(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        tool_choice: Any = None,
+        response_format: dict[str, Any] | None = None,
+        session_id: str | None = None,
+        run_id: str | None = None,
+        tenant: str | None = None,
+        agent: str | None = None,
+        user: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> StepStream:
+        """``step``, streamed: an async iterator of OpenAI ``chat.completion.chunk`` dicts (and
+        an async context manager that closes it), whose ``result`` is the ``StepResult`` once
+        it has ended (``milliwatt.streaming.StepStream``)::
+
+            async with mw.stream(messages, tools=tools, session_id="s1") as stream:
+                async for chunk in stream:
+                    print(chunk["choices"][0]["delta"].get("content") or "", end="")
+            messages.append(stream.result.message)
+
+        The remote tier streams as its provider sends; a cheaper tier's whole answer is one
+        chunk. The step is recorded when the stream ends, exactly as ``step`` records it; a
+        stream closed early is recorded ``cancelled``, one the provider breaks raises
+        ``RemoteStreamError``, both with the partial answer and its energy in the ledger.
+        The request is validated and copied now (``InvalidRequestError`` is raised here).
+        """
+        step = self._step(messages, tools, tool_choice, response_format, session_id, run_id, tenant, agent, user, metadata, options)
+        return self.cascade.stream(step)
+
+    def _step(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None,
+        tool_choice: Any,
+        response_format: dict[str, Any] | None,
+        session_id: str | None,
+        run_id: str | None,
+        tenant: str | None,
+        agent: str | None,
+        user: str | None,
+        metadata: dict[str, Any] | None,
+        options: dict[str, Any],
+    ) -> Step:
+        """The validated step, made of copies of the caller's request."""
         if self._closed:
             raise RuntimeError("this Milliwatt instance is closed")
         messages, tools, tool_choice, response_format, options, metadata = snapshot(
             (messages, tools, tool_choice, response_format, options, metadata)
         )
         meta = StepMeta(session_id, run_id, tenant, agent, dict(metadata or {}), user)
-        step = Step.create(
+        return Step.create(
             messages, tools=tools, tool_choice=tool_choice, response_format=response_format, options=options, meta=meta
         )
-        return await self.cascade.run(step)
 
     async def aclose(self) -> None:
         if self._closed:

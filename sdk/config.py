@@ -18,8 +18,10 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from .coefficients import Coefficients, ModelEntry, Span
+from .coefficients import load as load_coefficients
 from .errors import ConfigError
 
 DEFAULT_FRONTIER = "openai/gpt-4o"
@@ -70,15 +72,41 @@ class TrimSettings(_Section):
 
 
 class EnergySettings(_Section):
-    cpu_watts_low: float = Field(1.5, gt=0)
-    cpu_watts_point: float = Field(2.5, gt=0)
-    cpu_watts_high: float = Field(4.0, gt=0)
+    """How energy is counted (docs/method.md). ``coefficients``: a coefficient file or a shipped
+    version (default: the current one, ``milliwatt.coefficients.CURRENT``); the ``cpu_watts_*``
+    and ``site_pue`` override its figures for this deployment; ``models`` adds models EcoLogits
+    does not list (``{name: {active_params_b: [low, high]}}``); ``meter`` picks the hardware
+    counter for local work (``auto``: NVML for work on an NVIDIA GPU, RAPL where readable,
+    else CPU time)."""
+
+    coefficients: str | None = None
+    cpu_watts_low: float | None = Field(None, gt=0)
+    cpu_watts_point: float | None = Field(None, gt=0)
+    cpu_watts_high: float | None = Field(None, gt=0)
+    site_pue: float | None = Field(None, ge=1)
+    models: dict[str, ModelEntry] = Field(default_factory=dict)
+    meter: Literal["auto", "cpu-time", "rapl", "nvml"] = "auto"
 
     @model_validator(mode="after")
     def _ordered(self) -> EnergySettings:
-        if not self.cpu_watts_low <= self.cpu_watts_point <= self.cpu_watts_high:
+        watts = [w for w in (self.cpu_watts_low, self.cpu_watts_point, self.cpu_watts_high) if w is not None]
+        if watts and len(watts) < 3:
+            raise ValueError("set all of cpu_watts_low, cpu_watts_point, cpu_watts_high, or none")
+        if watts and not watts[0] <= watts[1] <= watts[2]:
             raise ValueError("cpu_watts_low <= cpu_watts_point <= cpu_watts_high must hold")
         return self
+
+    def resolve(self) -> Coefficients:
+        """The coefficient set in force: the file, with this section's overrides."""
+        c = load_coefficients(self.coefficients).with_models(self.models).with_site_pue(self.site_pue)
+        if self.cpu_watts_point is not None:
+            watts = Span(low=self.cpu_watts_low, point=self.cpu_watts_point, high=self.cpu_watts_high,
+                         source="energy.cpu_watts_* in the configuration")  # fmt: skip
+            c = c.model_copy(update={"cpu": c.cpu.model_copy(update={"watts_per_vcpu": watts})})
+        if self.models or self.site_pue is not None or self.cpu_watts_point is not None:
+            # The figures are no longer the file's alone: the ledger says so.
+            c = c.model_copy(update={"version": f"{c.version}+config"})
+        return c
 
 
 class ToolPolicy(_Section):
@@ -224,8 +252,29 @@ class LocalSettings(_Section):
         return self.model_dump(include=set(self.BACKEND_KEYS))
 
 
+class FallbackModel(_Section):
+    """A model the remote tier falls back to (``remote.fallbacks``; docs/remote.md). Written
+    as a litellm id alone, it reaches its provider with that provider's own environment
+    variable; the primary's ``api_base`` and key are never sent to another model. Timeouts,
+    retries and backoff are the primary's."""
+
+    model: str = Field(min_length=1)
+    api_base: str | None = None
+    api_key: str | None = Field(None, repr=False)
+    api_key_env: str | None = None
+    label: str | None = None
+    energy_model: str | None = None  # the model whose energy is charged (default: model)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_id_alone(cls, data: Any) -> Any:
+        return {"model": data} if isinstance(data, str) else data
+
+
 class RemoteSettings(_Section):
-    """The remote tier: any provider through litellm."""
+    """The remote tier: any provider through litellm, with the production wrappers of
+    ``milliwatt.remote`` (fallbacks, per-tenant limits, session pinning; docs/remote.md)."""
 
     tier: Literal["remote"] = "remote"
     model: str | None = None  # a litellm id; default: the frontier model
@@ -241,12 +290,37 @@ class RemoteSettings(_Section):
     extra: dict[str, Any] = Field(default_factory=dict)  # passed to litellm.acompletion as is
     token_budget: int | None = Field(None, ge=1)
     trim: list[StrategyName] = Field(default_factory=lambda: list(DEFAULT_REMOTE_TRIM))  # docs/trimming.md
+    # Asked in order when the model fails after its retries (timeouts, 429, 5xx, connection),
+    # rejects the credentials, or is unknown to the provider (404).
+    fallbacks: list[FallbackModel] = Field(default_factory=list)
+    max_concurrency_per_tenant: int | None = Field(None, ge=1)  # remote calls in flight per tenant; null: no limit
+    # After a step answered by the remote tier, the session's next pin_steps steps go straight
+    # to it, on the same model (the provider's prefix cache stays warm); 0: off.
+    pin_steps: int = Field(0, ge=0)
+    pin_keep: list[str] = Field(default_factory=lambda: ["rules"])  # tiers a pinned step still asks first
+    pin_sessions: int = Field(10_000, ge=1)  # pinned sessions remembered (least recently used dropped)
 
     BACKEND_KEYS: ClassVar[tuple[str, ...]] = ("api_base", "api_key", "api_key_env", "timeout_s", "max_retries", "backoff_base_s",
                     "backoff_cap_s", "label", "energy_model", "extra")  # fmt: skip
+    SHARED_KEYS: ClassVar[tuple[str, ...]] = ("timeout_s", "max_retries", "backoff_base_s", "backoff_cap_s")  # fallbacks use them too
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _distinct(cls, fallbacks: list[FallbackModel], info: ValidationInfo) -> list[FallbackModel]:
+        seen = {info.data.get("model")} - {None}
+        for i, f in enumerate(fallbacks):
+            if f.model in seen:
+                raise ValueError(f"[{i}] {f.model} is listed twice (as remote.model or an earlier fallback)")
+            seen.add(f.model)
+        return fallbacks
 
     def backend_settings(self, default_model: str) -> dict[str, Any]:
         return {"model": self.model or default_model, **self.model_dump(include=set(self.BACKEND_KEYS))}
+
+    def fallback_settings(self) -> list[dict[str, Any]]:
+        """Each fallback's backend settings: its own connection, the primary's timeouts and retries."""
+        shared = self.model_dump(include=set(self.SHARED_KEYS))
+        return [{**shared, **f.model_dump()} for f in self.fallbacks]
 
 
 TierSettings = Annotated[RulesSettings | CacheSettings | LocalSettings | RemoteSettings, Field(discriminator="tier")]

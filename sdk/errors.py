@@ -52,7 +52,12 @@ class BackendError(MilliwattError):
 
 
 class RemoteError(BackendError):
-    """The remote tier failed after its retries."""
+    """The remote tier failed after its retries. ``status_code``: the provider's HTTP status,
+    when it sent one."""
+
+    def __init__(self, message: str, *, backend: str = "", model: str = "", status_code: int | None = None) -> None:
+        super().__init__(message, backend=backend, model=model)
+        self.status_code = status_code
 
 
 class RemoteTimeout(RemoteError):
@@ -65,6 +70,14 @@ class RemoteRateLimited(RemoteError):
 
 class RemoteUnavailable(RemoteError):
     """The provider could not be reached or failed on its side (connection, 5xx)."""
+
+
+class RemoteStreamError(RemoteUnavailable):
+    """A streamed answer broke after it had begun (the connection dropped, a chunk was not
+    valid): not retried, since chunks were already handed on. ``partial`` is the answer as far
+    as it came (an OpenAI assistant message); the ledger records it, with its energy."""
+
+    partial: dict | None = None
 
 
 class RemoteBadRequest(RemoteError):

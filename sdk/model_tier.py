@@ -17,14 +17,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import replace
 
-from .energy import CpuCoefficients, RemoteEnergyModel, cpu_energy
+from .energy import CpuCoefficients, RemoteEnergyModel, cpu_energy, measured_energy
 from .errors import BackendError
 from .gates import Gate, GateDecision
 from .local_features import FEATURES_VERSION, answer_features
-from .redaction import redact
-from .tier import Completion, ModelBackend, Tier, current_spend
+from .redaction import get_logger, redact
+from .streaming import Chunk
+from .tier import Completion, CompletionStream, ModelBackend, Tier, TierStream, current_spend
 from .types import Energy, Message, Step, TierResult
+
+log = get_logger("milliwatt.tiers")
 
 
 class ModelTier(Tier):
@@ -54,7 +58,7 @@ class ModelTier(Tier):
         self.energy_model = energy_model or getattr(backend, "energy_model", None) or backend.model
         self.remote_energy = remote_energy or RemoteEnergyModel()
         self.pass_on_error = gate is not None if pass_on_error is None else pass_on_error
-        self.cpu = cpu or CpuCoefficients()
+        self.cpu = cpu or CpuCoefficients.of()
         self.write_back = gate is None if write_back is None else write_back
         if not 0 <= shadow_share <= 1:
             raise ValueError(f"shadow_share must be in [0, 1], got {shadow_share}")
@@ -79,6 +83,7 @@ class ModelTier(Tier):
                 spend.energy = cpu_energy(spend.cpu_seconds, self.cpu)
             raise
         latency = time.perf_counter() - t0
+        completion = _with_valid_usage(step, completion)
         if completion.cpu_seconds is not None:
             energy = self._energy(completion, latency)
         else:  # an EcoLogits estimate for the measured latency: ~0.3 ms of CPU, off the loop
@@ -92,8 +97,8 @@ class ModelTier(Tier):
             label=completion.label,
             cacheable=self.write_back,
         )
-        if self.gate is None:
-            return TierResult(self.name, completion.message, f"{self.name} model answered", **common)
+        if self.gate is None:  # the route of a fallback (which model answered, which failed) is its evidence
+            return TierResult(self.name, completion.message, f"{self.name} model answered", evidence=_route(completion), **common)
         # Judging reads the whole context (schemas, the values it holds): off the event loop.
         decision, features = await asyncio.to_thread(self._judge, step, completion)
         # Every gated answer is kept with what it looked like, accepted or not: a ledger of
@@ -132,12 +137,96 @@ class ModelTier(Tier):
         return decision, features
 
     def _energy(self, completion: Completion, latency_s: float) -> Energy:
+        if completion.joules is not None and completion.meter:
+            return measured_energy(completion.joules, completion.meter, self.remote_energy.coefficients, cpu_seconds=completion.cpu_seconds)
         if completion.cpu_seconds is not None:
             return cpu_energy(completion.cpu_seconds, self.cpu)
         # A measured latency describes the model that answered; when the energy is charged
-        # for another model (a stand-in's), EcoLogits' own latency model for it applies.
-        measured = latency_s if self.energy_model == self.backend.model else None
-        return self.remote_energy.estimate(self.energy_model, completion.input_tokens, completion.output_tokens, measured)
+        # for another model (a stand-in's), EcoLogits' own latency model for it applies (and
+        # the coefficient set decides whether a measured one is used at all).
+        # A fallback backend says which model answered, and the model charged for it.
+        energy_model = completion.extra.get("energy_model") or self.energy_model
+        answered_by = (completion.extra.get("route") or {}).get("model") or self.backend.model
+        measured = latency_s if energy_model == answered_by else None
+        return self.remote_energy.estimate(
+            energy_model, completion.input_tokens, completion.output_tokens, measured, cached_tokens=completion.cached_tokens
+        )
+
+    async def stream(self, step: Step) -> TierResult | TierStream:
+        """An ungated tier (remote) streams its backend's answer; a gated one (local) answers
+        whole, since its gate judges the whole answer."""
+        if self.gate is not None or self.pass_on_error:
+            return await self.attempt(step)
+        t0 = time.perf_counter()
+        opened = await self.backend.stream(step)
+        return _ModelTierStream(self, step, opened, t0)
 
     async def aclose(self) -> None:
         await self.backend.aclose()
+
+
+class _ModelTierStream(TierStream):
+    """A ``ModelTier``'s streamed answer: the backend's chunks, then the answer charged as
+    ``attempt`` charges a whole one (or, after a break or a close, what was received)."""
+
+    def __init__(self, tier: ModelTier, step: Step, stream: CompletionStream, t0: float) -> None:
+        self.tier = tier.name
+        self._model_tier = tier
+        self._step = step
+        self._stream = stream
+        self._t0 = t0
+
+    async def __anext__(self) -> Chunk:
+        return await self._stream.__anext__()
+
+    def _result(self, reason: str) -> TierResult:
+        tier = self._model_tier
+        completion = _with_valid_usage(self._step, self._stream.completion())  # may tokenise
+        # The provider's time to the last chunk, not the consumer's pace of reading.
+        latency = completion.extra.get("latency_s", time.perf_counter() - self._t0)
+        return TierResult(
+            tier.name,
+            completion.message,
+            reason,
+            tier._energy(completion, latency),
+            model=completion.model,
+            input_tokens=completion.input_tokens,
+            output_tokens=completion.output_tokens,
+            cost_usd=completion.cost_usd,
+            label=completion.label,
+            cacheable=tier.write_back,
+            evidence=_route(completion),
+        )
+
+    async def result(self) -> TierResult:
+        return await asyncio.to_thread(self._result, f"{self.tier} model answered (streamed)")
+
+    async def partial(self) -> TierResult:
+        return await asyncio.to_thread(self._result, f"{self.tier} model's answer as far as it came")
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _route(completion: Completion) -> dict | None:
+    """A fallback's account of which model answered and which failed (``milliwatt.remote``)."""
+    route = completion.extra.get("route")
+    return {"route": route} if route else None
+
+
+def _with_valid_usage(step: Step, completion: Completion) -> Completion:
+    """The completion with token counts fit to charge: a count a provider left out, or gave as
+    negative or not a whole number, is counted here (tiktoken), with a warning; a cached count
+    beyond the input is dropped. Never a silent zero, never a failed step for its accounts."""
+    fixes: dict[str, object] = {}
+    for name, count in (("input_tokens", completion.input_tokens), ("output_tokens", completion.output_tokens)):
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            from .tokens import count_completion, count_request
+
+            fixes[name] = count_request(step.messages, step.tools) if name == "input_tokens" else count_completion(completion.message)
+            log.warning("%s reported %s=%r; counted %d instead", completion.model, name, count, fixes[name])
+    cached = completion.cached_tokens
+    if cached is not None and (not isinstance(cached, int) or cached < 0 or cached > fixes.get("input_tokens", completion.input_tokens)):
+        log.warning("%s reported cached_tokens=%r; ignored", completion.model, cached)
+        fixes["cached_tokens"] = None
+    return replace(completion, **fixes) if fixes else completion

@@ -60,7 +60,7 @@ class PreGate(Tier):
         self.embed = embed
         self.k, self.min_similarity, self.min_answer_rate = k, min_similarity, min_answer_rate
         self.probes = Probes(probe_every, max_probe_every)
-        self.cpu = cpu or CpuCoefficients()
+        self.cpu = cpu or CpuCoefficients.of()
         self._close = close
         self._vectors: np.ndarray | None = None  # (history, dim), a ring
         self._answered = np.zeros(history, dtype=bool)

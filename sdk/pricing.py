@@ -26,9 +26,17 @@ class Price:
     model: str
     input_per_token: float
     output_per_token: float
+    # litellm's cache_read_input_token_cost; None: the model lists none.
+    cached_input_per_token: float | None = None
 
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        return input_tokens * self.input_per_token + output_tokens * self.output_per_token
+    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0, cached_weight: float = 1.0) -> float:
+        """List price; ``cached_tokens`` of the input at the cached price (or, where none is
+        listed, at ``cached_weight`` x the input price)."""
+        cached_price = self.cached_input_per_token
+        if cached_price is None:
+            cached_price = self.input_per_token * cached_weight
+        fresh = input_tokens - cached_tokens
+        return fresh * self.input_per_token + cached_tokens * cached_price + output_tokens * self.output_per_token
 
 
 _lock = threading.Lock()
@@ -50,7 +58,8 @@ def _lookup(model: str) -> Price | None:
         inp, out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
         if inp is None and out is None:
             continue
-        return Price(model, float(inp or 0.0), float(out or 0.0))
+        cached = info.get("cache_read_input_token_cost")
+        return Price(model, float(inp or 0.0), float(out or 0.0), None if cached is None else float(cached))
     return None
 
 
@@ -96,7 +105,7 @@ def require_price(model: str, where: str = "frontier_model") -> Price:
     return p
 
 
-def cost_usd(model: str, input_tokens: int, output_tokens: int) -> float:
+def cost_usd(model: str, input_tokens: int, output_tokens: int, cached_tokens: int = 0, cached_weight: float = 1.0) -> float:
     """List-price cost; 0.0 for models litellm does not price (local, stand-ins)."""
     p = price(model)
-    return p.cost(input_tokens, output_tokens) if p else 0.0
+    return p.cost(input_tokens, output_tokens, cached_tokens, cached_weight) if p else 0.0

@@ -15,7 +15,7 @@ from typing import Any
 from .config import CacheSettings, LocalSettings, RemoteSettings, RulesSettings, Settings
 from .energy import CpuCoefficients
 from .errors import ConfigError
-from .tier import Tier
+from .tier import ModelBackend, Tier
 
 # A factory takes its section (a typed ``TierSettings`` for the built-in tiers, a dict for a
 # plugin, which validates its own) and the whole settings.
@@ -43,8 +43,7 @@ def _entry_point(name: str) -> TierFactory | None:
 
 
 def cpu_coefficients(settings: Settings) -> CpuCoefficients:
-    e = settings.energy
-    return CpuCoefficients(e.cpu_watts_low, e.cpu_watts_point, e.cpu_watts_high)
+    return CpuCoefficients.of(settings.energy.resolve())
 
 
 # --------------------------------------------------------------------------- built-ins
@@ -92,7 +91,7 @@ def _local(section: LocalSettings, settings: Settings) -> Tier:
         gate = ObservingGate(gate)
     tier: Tier = ModelTier(
         "local",
-        LlamaCppBackend(**section.backend_settings()),
+        LlamaCppBackend(**section.backend_settings(), meter=settings.energy.meter),
         gate=gate,
         token_budget=section.token_budget,
         cpu=cpu_coefficients(settings),
@@ -121,19 +120,53 @@ def _remote(section: RemoteSettings, settings: Settings) -> Tier:
     backend = LiteLLMBackend(**section.backend_settings(settings.frontier_model))
     # Missing credentials are named now (which variable to set), not retried at the first step.
     backend.check()
-    check_energy_model(backend.energy_model or backend.model, "remote.energy_model")
-    return ModelTier("remote", backend, token_budget=section.token_budget)
+    check_energy_model(backend.energy_model or backend.model, "remote.energy_model", settings)
+    from .energy import RemoteEnergyModel
+
+    tier = ModelTier("remote", _in_production(backend, section, settings), token_budget=section.token_budget, remote_energy=RemoteEnergyModel(settings.energy.resolve()))
+    if section.pin_steps:
+        from .remote import PinnedTier
+
+        return PinnedTier(tier, section.pin_steps, keep=section.pin_keep, max_sessions=section.pin_sessions)
+    return tier
 
 
-def check_energy_model(model: str, where: str) -> None:
-    """Fail at start-up, naming the setting, when EcoLogits cannot estimate ``model``: a step
-    answered and paid for must not then fail on its energy figure. Warms EcoLogits too."""
+def _in_production(backend: ModelBackend, section: RemoteSettings, settings: Settings) -> ModelBackend:
+    """The remote backend with its fallback models and per-tenant limit (``milliwatt.remote``),
+    each fallback checked at start as the primary is, errors naming ``remote.fallbacks[i]``."""
+    if section.fallbacks:
+        from milliwatt.adapters.litellm_backend import LiteLLMBackend
+
+        from .remote import FallbackBackend
+
+        backends = [backend]
+        for i, kw in enumerate(section.fallback_settings()):
+            where = f"remote.fallbacks[{i}]"
+            fallback = LiteLLMBackend(**kw)
+            try:
+                fallback.check()
+            except ConfigError as e:
+                raise ConfigError(e.where.replace("remote.", f"{where}.", 1), e.problem.replace("remote.", f"{where}.")) from None
+            check_energy_model(fallback.energy_model or fallback.model, f"{where}.energy_model", settings)
+            backends.append(fallback)
+        backend = FallbackBackend(backends)
+    if section.max_concurrency_per_tenant is not None:
+        from .remote import TenantLimitedBackend
+
+        backend = TenantLimitedBackend(backend, section.max_concurrency_per_tenant)
+    return backend
+
+
+def check_energy_model(model: str, where: str, settings: Settings | None = None) -> None:
+    """Fail at start-up, naming the setting, when neither EcoLogits nor the coefficient table
+    can estimate ``model``: a step answered and paid for must not then fail on its energy
+    figure, nor be charged zero. Warms EcoLogits too."""
     from .energy import RemoteEnergyModel
 
     try:
-        RemoteEnergyModel().estimate(model, 1, 1)
+        RemoteEnergyModel(settings.energy.resolve() if settings else None).check(model)
     except ValueError as e:
-        raise ConfigError(where, f"{e}; set {where} to a model EcoLogits knows") from None
+        raise ConfigError(where, str(e)) from None
 
 
 register_tier("rules", _rules)

@@ -7,7 +7,9 @@ its tool handling and its ledger queries without loading any model.
 on 127.0.0.1 that answers every chat completion with one fixed message, or with a function
 of the request (a scripted provider: a tool call first, then an answer from its result). It is not a model;
 it exercises the real remote path (litellm, HTTP, JSON) in tests and benchmarks. Label the
-remote tier ``stand-in`` when it points there.
+remote tier ``stand-in`` when it points there. It streams (server-sent events) when asked, and
+can be told to fail (``Scripted``): HTTP errors with Retry-After, slow answers, streams cut or
+corrupted part-way, so retries, timeouts, fallbacks and broken streams are tested over real HTTP.
 
 ``cosine_gate`` is a cache hit gate that serves any candidate at or above a cosine similarity,
 templates included: for tests of what the cache's keys and templates do, apart from what a
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -97,6 +101,34 @@ class RecordingSink:
         self.records.append(record)
 
 
+@dataclass
+class Scripted:
+    """What ``OpenAIStubServer`` does with a request, instead of answering it normally: a
+    provider misbehaving on purpose. Queue some with ``stub.script(...)``; each applies to the
+    next ``times`` requests (None: every one) for ``model`` (None: any model; else the model
+    name the provider sees, ``"b"`` for litellm's ``"openai/b"``), then the stub answers again.
+
+    - ``status``: an HTTP error (429, 500, 503, 401...) with an OpenAI-style error body
+      carrying ``message``; ``retry_after`` sets the Retry-After header; ``echo_key`` quotes
+      the request's Authorization header in the message, as some providers do.
+    - ``delay_s``: wait before answering (a slow provider: timeouts).
+    - streamed answers (``stream: true``): ``cut_after`` closes the connection after that many
+      chunks (a dropped connection: the chunked body ends unfinished); ``malformed_after``
+      sends a chunk that is not JSON after that many; ``chunk_delay_s`` waits between chunks.
+    """
+
+    status: int = 200
+    message: str = "the stub was told to fail"
+    retry_after: float | str | None = None
+    echo_key: bool = False
+    delay_s: float = 0.0
+    cut_after: int | None = None
+    malformed_after: int | None = None
+    chunk_delay_s: float | None = None
+    model: str | None = None
+    times: int | None = 1
+
+
 class OpenAIStubServer:
     """An OpenAI-compatible chat-completions endpoint on 127.0.0.1 that answers ``reply``:
     a fixed text, or a function of the request body returning the assistant message (a
@@ -109,6 +141,15 @@ class OpenAIStubServer:
     estimated as characters / 4, as a provider would report its own. ``requests`` counts
     the completions served. Runs in daemon threads of this process; ``serve_forever`` runs
     it in the calling thread (for a separate process, so it shares no interpreter lock).
+
+    A request with ``stream: true`` is answered as server-sent events over a chunked body,
+    as OpenAI streams: a role chunk, the content a word at a time, each tool call's name and
+    then its arguments in pieces, a chunk with the ``finish_reason``, a usage chunk when the
+    request asks for one (``stream_options.include_usage``; ``stream_usage=False``: never, as
+    providers without it), then ``data: [DONE]``. The same answer streamed or not has the same
+    usage. ``script(Scripted(...))`` makes the next requests fail (``Scripted``); ``calls``
+    lists every request as ``{"model", "stream", "status", "chunks"}`` (``chunks``: how many
+    were sent, for a streamed answer).
     """
 
     def __init__(
@@ -118,11 +159,17 @@ class OpenAIStubServer:
         port: int = 0,
         delay_s: float = 0.0,
         model: str = "stub",
+        chunk_delay_s: float = 0.0,
+        stream_usage: bool = True,
     ) -> None:
         self.reply = reply
         self.delay_s = delay_s
         self.model = model
+        self.chunk_delay_s = chunk_delay_s
+        self.stream_usage = stream_usage
         self.requests = 0
+        self.calls: list[dict[str, Any]] = []
+        self._scripts: list[Scripted] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
@@ -136,6 +183,23 @@ class OpenAIStubServer:
     def api_base(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def script(self, *scripted: Scripted) -> OpenAIStubServer:
+        """Queue misbehaviours: each request takes the first queued one for its model."""
+        with self._lock:
+            self._scripts.extend(replace(s) for s in scripted)
+        return self
+
+    def _take(self, model: str | None) -> Scripted | None:
+        with self._lock:
+            for s in self._scripts:
+                if s.model is None or s.model == model:
+                    if s.times is not None:
+                        s.times -= 1
+                        if s.times <= 0:
+                            self._scripts.remove(s)
+                    return s
+        return None
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         stub = self
 
@@ -145,11 +209,19 @@ class OpenAIStubServer:
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
 
-            def _send(self, code: int, body: dict[str, Any]) -> None:
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except (ConnectionResetError, BrokenPipeError):  # the client went away: nothing to answer
+                    pass
+
+            def _send(self, code: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -169,32 +241,79 @@ class OpenAIStubServer:
                 except json.JSONDecodeError:
                     self._send(400, {"error": {"message": "invalid JSON", "type": "invalid_request_error"}})
                     return
-                if stub.delay_s > 0:
-                    time.sleep(stub.delay_s)
+                model, stream = request.get("model"), bool(request.get("stream"))
+                call: dict[str, Any] = {"model": model, "stream": stream, "status": 200, "chunks": 0}
+                with stub._lock:
+                    stub.calls.append(call)
+                scripted = stub._take(model) or Scripted()
+                delay = scripted.delay_s or stub.delay_s
+                if delay > 0:
+                    time.sleep(delay)
+                if scripted.status != 200:
+                    call["status"] = scripted.status
+                    text = scripted.message
+                    if scripted.echo_key:
+                        text += f" (you sent: {self.headers.get('Authorization')})"
+                    headers = {} if scripted.retry_after is None else {"Retry-After": str(scripted.retry_after)}
+                    body = {"error": {"message": text, "type": "stub_error", "code": scripted.status}}
+                    self._send(scripted.status, body, headers)
+                    return
                 with stub._lock:
                     stub.requests += 1
                     n = stub.requests
                 message = stub.reply(request) if callable(stub.reply) else {"role": "assistant", "content": stub.reply}
                 prompt = max(1, len(json.dumps(request.get("messages", []))) // 4)
                 completion = max(1, len(json.dumps(message)) // 4)
+                usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
                 finish = "tool_calls" if message.get("tool_calls") else "stop"
-                self._send(
-                    200,
-                    {
-                        "id": f"chatcmpl-stub-{n}",
-                        "object": "chat.completion",
-                        "created": int(time.time()),
-                        "model": request.get("model") or stub.model,
-                        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
-                    },
-                )
+                head = {"id": f"chatcmpl-stub-{n}", "created": int(time.time()), "model": model or stub.model}
+                if not stream:
+                    choice = {"index": 0, "message": message, "finish_reason": finish}
+                    self._send(200, {**head, "object": "chat.completion", "choices": [choice], "usage": usage})
+                    return
+                with_usage = stub.stream_usage and bool((request.get("stream_options") or {}).get("include_usage"))
+                chunks = [{**head, "object": "chat.completion.chunk", "choices": [c]} for c in _choice_deltas(message, finish)]
+                if with_usage:
+                    chunks.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+                try:
+                    self._stream(chunks, scripted, call)
+                except (BrokenPipeError, ConnectionResetError):  # the client went away (cancelled)
+                    self.close_connection = True
+
+            def _stream(self, chunks: list[dict[str, Any]], scripted: Scripted, call: dict[str, Any]) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                pause = stub.chunk_delay_s if scripted.chunk_delay_s is None else scripted.chunk_delay_s
+
+                def send(data: bytes) -> None:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+
+                for i, chunk in enumerate(chunks):
+                    if i == scripted.cut_after:  # dropped: the chunked body never ends
+                        self.close_connection = True
+                        return
+                    if i == scripted.malformed_after:
+                        send(b'data: {"id": "chatcmpl-stub", "choices": [{"delta": {"content": \n\n')
+                        call["chunks"] += 1
+                        continue
+                    send(f"data: {json.dumps(chunk)}\n\n".encode())
+                    call["chunks"] += 1
+                    if pause > 0:
+                        time.sleep(pause)
+                send(b"data: [DONE]\n\n")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
 
         return Handler
 
     def start(self) -> OpenAIStubServer:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._server.serve_forever, name="openai-stub", daemon=True)
+            # A short poll, so ``stop`` returns at once (the default waits up to 0.5 s).
+            self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="openai-stub", daemon=True)
             self._thread.start()
         return self
 
@@ -219,3 +338,19 @@ class OpenAIStubServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.stop)
+
+
+def _choice_deltas(message: Message, finish: str) -> list[dict[str, Any]]:
+    """A message as OpenAI streams it: the role, the content a word at a time, each tool
+    call's id and name and then its arguments in pieces of 8 characters, the finish."""
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+    deltas += [{"content": word} for word in re.findall(r"\s*\S+\s*", message.get("content") or "")]
+    for i, call in enumerate(message.get("tool_calls") or []):
+        fn = call.get("function") or {}
+        deltas.append({"tool_calls": [{"index": i, "id": call.get("id"), "type": "function",
+                                       "function": {"name": fn.get("name"), "arguments": ""}}]})  # fmt: skip
+        args = fn.get("arguments") or ""
+        deltas += [{"tool_calls": [{"index": i, "function": {"arguments": args[k : k + 8]}}]} for k in range(0, len(args), 8)]
+    choices = [{"index": 0, "delta": d, "finish_reason": None} for d in deltas]
+    choices.append({"index": 0, "delta": {}, "finish_reason": finish})
+    return choices

@@ -17,6 +17,7 @@ import base64
 import functools
 import hashlib
 import json
+import pickle
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -178,8 +179,13 @@ def message_key(m: Message) -> Hashable:
     return (content_text(m.get("content")), calls, bool(m.get("name")))
 
 
-def tools_key(tools: Sequence[dict[str, Any]]) -> str:
-    return json.dumps(list(tools), separators=(",", ":"), sort_keys=False, default=str)
+def tools_key(tools: Sequence[dict[str, Any]]) -> bytes | str:
+    """A memo key of a tool list, in process: its pickle (C code, ~5x faster than JSON for an
+    agent's dozen schemas), or its JSON when something in it does not pickle."""
+    try:
+        return pickle.dumps(tools if isinstance(tools, tuple) else tuple(tools), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - an odd value in a schema: the slower key
+        return json.dumps(list(tools), separators=(",", ":"), sort_keys=False, default=str)
 
 
 class TokenCounter:
@@ -201,10 +207,11 @@ class TokenCounter:
     def message(self, m: Message) -> int:
         return self._messages.get_or_put(message_key(m), lambda: message_tokens(m, self.encoding))
 
-    def tools(self, tools: Sequence[dict[str, Any]]) -> int:
+    def tools(self, tools: Sequence[dict[str, Any]], key: Hashable | None = None) -> int:
+        """``key``: ``tools_key(tools)`` when the caller has it already."""
         if not tools:
             return 0
-        return self._tools.get_or_put(tools_key(tools), lambda: tools_tokens(tools, self.encoding))
+        return self._tools.get_or_put(key if key is not None else tools_key(tools), lambda: tools_tokens(tools, self.encoding))
 
     def request(self, messages: Iterable[Message], tools: Sequence[dict[str, Any]] = ()) -> int:
         """Input tokens of a chat request, as ``count_request``."""
@@ -227,3 +234,24 @@ class TokenCounter:
                 return None
             total += n
         return total
+
+
+DEFAULT_ENCODING = "o200k_base"
+
+
+def encoding_for_model(model: str) -> tuple[str, bool]:
+    """The tiktoken encoding of ``model`` (a litellm id) and whether it is the model's own.
+
+    OpenAI's models have theirs (tiktoken's table); for a model with none available offline
+    (Anthropic, Google and open models ship no tiktoken encoding) it is ``o200k_base``, an
+    approximation the ledger names (``steps.baseline_tokenizer``)."""
+    import tiktoken.model
+
+    name = model.split("/", 1)[1] if "/" in model else model
+    try:
+        found = tiktoken.model.encoding_name_for_model(name)
+    except KeyError:
+        return DEFAULT_ENCODING, False
+    if found not in _BUNDLED:  # would need a download
+        return DEFAULT_ENCODING, False
+    return found, True

@@ -19,13 +19,46 @@ TierName = str  # "rules", "cache", "local", "remote", or a registered plugin ti
 
 
 @dataclass(frozen=True)
+class Observed:
+    """What was observed of a piece of work: what its energy figure is computed from, so the
+    figure can be recomputed with other coefficients (``milliwatt report --recompute``).
+
+    ``cpu_seconds``: measured CPU time; ``joules`` and ``meter``: a hardware counter's reading
+    (``rapl``, ``nvml``); ``model``: the model a remote estimate is for; ``cached_tokens``:
+    input tokens a provider's prompt cache served (reported, or estimated from the prefix)."""
+
+    cpu_seconds: float | None = None
+    joules: float | None = None
+    meter: str | None = None
+    model: str | None = None
+    cached_tokens: int | None = None
+
+    def __add__(self, other: Observed) -> Observed:
+        def add(a: Any, b: Any) -> Any:
+            return b if a is None else a if b is None else a + b
+
+        def same(a: str | None, b: str | None) -> str | None:
+            return b if a is None else a if b is None or a == b else None
+
+        return Observed(
+            add(self.cpu_seconds, other.cpu_seconds),
+            add(self.joules, other.joules),
+            same(self.meter, other.meter),
+            same(self.model, other.model),
+            add(self.cached_tokens, other.cached_tokens),
+        )
+
+
+@dataclass(frozen=True)
 class Energy:
     """Energy in watt-hours, with how it was obtained and a low/point/high range.
 
     ``method`` is one of ``"cpu-time"`` (CPU seconds x watts per vCPU), ``"estimate"``
     (a model of a remote deployment, e.g. EcoLogits), ``"measured"`` (a hardware counter),
     ``"mixed"`` (a sum of several methods) or ``"none"`` (no work was done).
-    ``basis`` says which coefficients were used, so a figure can be re-derived.
+    ``basis`` says which coefficients were used, so a figure can be re-derived; ``version``
+    is the coefficient set's (``milliwatt.coefficients``) and ``observed`` what the figure was
+    computed from.
     """
 
     method: str
@@ -33,6 +66,8 @@ class Energy:
     point_wh: float
     high_wh: float
     basis: str = ""
+    observed: Observed | None = field(default=None, compare=False)
+    version: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not (0 <= self.low_wh <= self.point_wh <= self.high_wh):
@@ -54,12 +89,16 @@ class Energy:
         basis = self.basis if self.basis == other.basis else "; ".join(
             b for b in dict.fromkeys((self.basis, other.basis)) if b
         )
+        observed = other.observed if self.observed is None else self.observed if other.observed is None else self.observed + other.observed
+        version = self.version if self.version == other.version else "; ".join(v for v in dict.fromkeys((self.version, other.version)) if v) or None
         return Energy(
             method,
             self.low_wh + other.low_wh,
             self.point_wh + other.point_wh,
             self.high_wh + other.high_wh,
             basis,
+            observed,
+            version,
         )
 
 
@@ -414,6 +453,16 @@ class StepRecord:
     # The answering tier's trimming (``milliwatt.trimming.Trimmed``), in memory only: a replay
     # audits it against the reference answer. Not stored.
     trimmed: Any = field(default=None, compare=False, repr=False)
+    # The baseline's observations: its input tokens (counted with ``baseline_tokenizer``), those
+    # its provider's prompt cache would have served, and its answer's length.
+    baseline_input_tokens: int | None = None
+    baseline_cached_tokens: int = 0
+    baseline_output_tokens: int | None = None
+    baseline_tokenizer: str | None = None
+    coefficients: str | None = None  # version of the coefficient set every figure was computed with
+    hardware: str | None = None  # the machine the cheap tiers ran on
+    # Background work recorded with this step (``milliwatt.overheads``): (what, its energy).
+    overheads: tuple[tuple[Any, Energy], ...] = ()
 
 
 @dataclass(frozen=True)

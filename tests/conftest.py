@@ -24,3 +24,12 @@ def _models_only_in_slow_tests(request: pytest.FixtureRequest, monkeypatch: pyte
     monkeypatch.setattr(Embedder, "_load", refuse("the MiniLM embedding model"))
     monkeypatch.setattr(LlamaCppBackend, "_load", refuse("a GGUF model through llama.cpp"))
     monkeypatch.setattr(LoopbackServer, "start", refuse("the loopback model server"))
+
+
+@pytest.fixture(autouse=True)
+def _no_background_work_from_earlier_tests() -> None:
+    """Background work goes to the next step recorded in the process (milliwatt.overheads):
+    a model loaded by one test must not land in the next test's ledger."""
+    from milliwatt.overheads import overheads
+
+    overheads.drain()

@@ -105,9 +105,11 @@ async def test_every_tier_passing_is_an_error_naming_the_reasons():
             await mw.step(USER)
 
 
-def test_cpu_energy_uses_the_per_vcpu_range():
+def test_cpu_energy_uses_the_per_vcpu_range_and_the_facility_factors():
     e = cpu_energy(3600.0)
-    assert (e.low_wh, e.point_wh, e.high_wh) == (1.5, 2.5, 4.0) and e.method == "cpu-time"
+    # 1.5/2.5/4.0 W per vCPU x server overhead 1.3 x site PUE 1.2 (coefficients mw-2026.12)
+    assert (e.low_wh, e.point_wh, e.high_wh) == pytest.approx((1.5 * 1.56, 2.5 * 1.56, 4.0 * 1.56)) and e.method == "cpu-time"
+    assert e.observed.cpu_seconds == 3600.0 and e.version == "mw-2026.12" and "facility 1.56" in e.basis
     timer = CpuTimer()
     with timer.measure():
         sum(range(100000))

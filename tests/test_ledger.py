@@ -365,7 +365,8 @@ def test_format_summary_states_methods_ranges_and_labels(run_db: Path) -> None:
         "gpt-4o (4 steps)", "'stand-in'", "p50 20.0 ms", "35.0% trimmed",
     ):
         assert expected in text, expected
-    assert re.search(r"cascade\s+0\.101\s+0\.202\s+0\.403", text)
+    assert re.search(r"cascade, steps\s+0\.101\s+0\.202\s+0\.403", text)
+    assert re.search(r"cascade, total\s+0\.101\s+0\.202\s+0\.403", text) and "background work: none recorded" in text
     assert re.search(r"remote\s+3000\.0\s+3000\.0\s+3000\.0", text)  # latency by answering tier
     assert "Per workflow (2 sessions" in text and re.search(r"cost \$, cascade\s+0\.0000\s+0\.0200\s+0\.0100", text)
 

@@ -106,9 +106,10 @@ def schema_diff(path: Path) -> list:
 
 
 def test_revision_ids_are_the_readable_names() -> None:
-    assert head_revision() == "0005_prefix_tokens"
+    assert head_revision() == "0006_observations"
     assert sorted(p.stem for p in (MIGRATIONS / "versions").glob("0*.py")) == [
         "0001_initial", "0002_step_quality", "0003_ledger_faults", "0004_attempt_evidence", "0005_prefix_tokens",
+        "0006_observations",
     ]
 
 
@@ -179,7 +180,8 @@ async def test_an_unversioned_ledger_is_upgraded_with_its_rows_intact(tmp_path: 
     m = len(before_attempts[0])
     old_attempts = dump(db, "SELECT * FROM attempts WHERE step_id = '01KDVA7EC0SD5Q8W3ZJ0R4A7QE' ORDER BY ordinal")
     assert [r[:m] for r in old_attempts] == before_attempts
-    assert [r[m:] for r in old_attempts] == [(None, None)] * len(before_attempts)  # evidence_json, prefix_tokens: none recorded
+    # evidence_json, prefix_tokens and 0006's observations: none recorded
+    assert [r[m:] for r in old_attempts] == [(None,) * 8] * len(before_attempts)
     assert dump(db, "SELECT quality_metric, quality_kind, quality_agrees, quality_score, quality_detail FROM steps"
                     " WHERE id = '01KDVA7EC0SD5Q8W3ZJ0R4A7QE'") == [(None, None, None, None, None)]
     assert old["session_id"] == "s-old" and old["request"] == {"messages": [{"role": "user", "content": "hi"}]}

@@ -9,7 +9,7 @@ EXPECTED = {
     "Milliwatt", "Step", "StepMeta", "StepResult", "StepRecord", "Attempt", "Energy", "TierResult",
     "Tier", "ModelBackend", "Completion", "register_tier",
     "MilliwattError", "InvalidRequestError", "ConfigError", "RuleFileError", "BackendError",
-    "RemoteError", "RemoteTimeout", "RemoteRateLimited", "RemoteUnavailable", "RemoteBadRequest",
+    "RemoteError", "RemoteTimeout", "RemoteRateLimited", "RemoteUnavailable", "RemoteStreamError", "RemoteBadRequest",
     "RemoteAuthError", "NoTierAnswered", "__version__",
 }
 

@@ -114,7 +114,9 @@ def test_prices_come_from_litellms_public_api(monkeypatch: pytest.MonkeyPatch) -
     from milliwatt.pricing import Price, price, require_price
 
     info = litellm.get_model_info("openai/gpt-4o")
-    assert price("openai/gpt-4o") == Price("openai/gpt-4o", info["input_cost_per_token"], info["output_cost_per_token"])
+    assert price("openai/gpt-4o") == Price(
+        "openai/gpt-4o", info["input_cost_per_token"], info["output_cost_per_token"], info["cache_read_input_token_cost"]
+    )
     # A model registered with litellm at run time (not in its bundled file) is priced through it.
     monkeypatch.setattr(litellm, "model_cost", dict(litellm.model_cost))
     litellm.register_model(

@@ -193,6 +193,7 @@ def test_the_baseline_is_judged_per_kind_of_measure_never_mixed(tmp_path):
     summary = {
         "quality": {kind: {"energy_wh": {"cascade": wh, "baseline": wh}} for kind in ("exact", "proxy")},
         "energy_per_useful_answer_wh": {kind: {"cascade": None, "baseline": None} for kind in ("exact", "proxy")},
+        "tokens_per_useful_answer": {kind: {"baseline": None, "baseline_tokens": 600} for kind in ("exact", "proxy")},
     }
     _add_baseline_quality(summary, steps)
     q = summary["quality"]
@@ -201,6 +202,8 @@ def test_the_baseline_is_judged_per_kind_of_measure_never_mixed(tmp_path):
     # energy per useful answer: the kind's baseline energy over its agreeing recorded answers
     assert summary["energy_per_useful_answer_wh"]["exact"]["baseline"] == wh  # 1 of 2 agree
     assert summary["energy_per_useful_answer_wh"]["proxy"]["baseline"] == wh
+    # tokens per useful answer likewise: 600 baseline tokens over 1 agreeing answer
+    assert summary["tokens_per_useful_answer"]["exact"]["baseline"] == 600
 
 
 # --------------------------------------------------------------------------- end to end

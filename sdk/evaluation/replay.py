@@ -192,6 +192,8 @@ def _add_baseline_quality(summary: dict[str, Any], steps: list[TraceStep]) -> No
         summary["energy_per_useful_answer_wh"][kind]["baseline"] = (
             {k: base[k] / agree for k in ("low", "point", "high")} if agree else None
         )
+        tokens = summary["tokens_per_useful_answer"][kind]
+        tokens["baseline"] = tokens["baseline_tokens"] / agree if agree else None
     recorded = [s.reference["recorded_correct"] for _, s in verdicts if "recorded_correct" in s.reference]
     # The data set's own grading of the recorded answers (GSM8K: RouteLLM's), for comparison.
     q["baseline_recorded"] = sum(recorded) / len(recorded) if recorded else None

@@ -56,6 +56,12 @@ def step_row(r: StepRecord) -> dict[str, Any]:
         "meta_json": to_json(r.meta.extra),
         **_quality_cols(r.quality),
         "user_id": r.meta.user,
+        "baseline_input_tokens": r.baseline_input_tokens,
+        "baseline_cached_tokens": r.baseline_cached_tokens if r.baseline_input_tokens is not None else None,
+        "baseline_output_tokens": r.baseline_output_tokens,
+        "baseline_tokenizer": r.baseline_tokenizer,
+        "coefficients": r.coefficients,
+        "hardware": r.hardware,
     }
 
 
@@ -92,10 +98,48 @@ def _attempt_row(step_id: str, ordinal: int, a: Attempt) -> dict[str, Any]:
         "cost_usd": a.cost_usd,
         "evidence_json": None if a.evidence is None else to_json(a.evidence),
         "prefix_tokens": a.prefix_tokens,
+        **_observed_cols(a.energy),
     }
 
 
+def _observed_cols(e: Energy) -> dict[str, Any]:
+    o = e.observed
+    if o is None:
+        return {"cpu_seconds": None, "measured_j": None, "meter": None, "energy_model": None, "cached_tokens": None, "coefficients": e.version}
+    return {
+        "cpu_seconds": o.cpu_seconds,
+        "measured_j": o.joules,
+        "meter": o.meter,
+        "energy_model": o.model,
+        "cached_tokens": o.cached_tokens,
+        "coefficients": e.version,
+    }
+
+
+def overhead_rows(r: StepRecord) -> list[dict[str, Any]]:
+    from milliwatt.ids import new_step_id
+
+    return [
+        {
+            "id": new_step_id(o.at),
+            "step_id": r.step_id,
+            "at": iso_utc(o.at),
+            "tier": o.tier,
+            "kind": o.kind,
+            "detail": o.detail,
+            "cpu_seconds": o.cpu_seconds,
+            **_energy_cols(e),
+            "coefficients": e.version,
+        }
+        for o, e in r.overheads
+    ]
+
+
 def record_rows(r: StepRecord) -> dict[str, Any]:
-    """One record as its rows: ``{"step": <steps row>, "attempts": [<attempts rows>]}``, the
-    unit the writer inserts (in one transaction) and the spool stores (as one line)."""
-    return {"step": step_row(r), "attempts": attempt_rows(r)}
+    """One record as its rows: ``{"step": <steps row>, "attempts": [<attempts rows>]}`` (and
+    ``"overheads"`` when background work came with it), the unit the writer inserts (in one
+    transaction) and the spool stores (as one line)."""
+    rows: dict[str, Any] = {"step": step_row(r), "attempts": attempt_rows(r)}
+    if r.overheads:
+        rows["overheads"] = overhead_rows(r)
+    return rows

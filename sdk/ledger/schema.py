@@ -15,6 +15,8 @@ from sqlalchemy import CheckConstraint, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from milliwatt.overheads import KINDS as OVERHEAD_KINDS
+
 # Compatibility level in milliwatt_meta for milliwatt versions older than the migrations: they
 # read any ledger whose schema_version they know. Raised only by a migration such readers
 # could not survive (so far none: columns and tables are only added).
@@ -92,6 +94,17 @@ class StepRow(Base):
         "of the input tokens sent to the answering tier, those repeating the start of the request that tier was sent before in the same session (what a provider's prompt cache can serve); null before 0005",
         "tokens",
     )
+    # Added by 0006_observations: what the figures are computed from, so they can be recomputed.
+    baseline_input_tokens: Mapped[int | None] = _col(
+        Integer, "input tokens of the baseline request, counted with `baseline_tokenizer` (the frontier model's own where known); null before 0006", "tokens"
+    )
+    baseline_cached_tokens: Mapped[int | None] = _col(
+        Integer, "of the baseline's input tokens, those the provider's prompt cache would have served (the prefix shared with the session's previous request); null before 0006", "tokens"
+    )
+    baseline_output_tokens: Mapped[int | None] = _col(Integer, "output tokens of the baseline: the answer given, counted with `baseline_tokenizer`; null before 0006", "tokens")
+    baseline_tokenizer: Mapped[str | None] = _col(Text, "tiktoken encoding the baseline was counted with; `(approximation)` when the frontier model has none offline; null before 0006")
+    coefficients: Mapped[str | None] = _col(Text, "version of the coefficient set the step's figures were computed with (`milliwatt.coefficients`); null before 0006")
+    hardware: Mapped[str | None] = _col(Text, "the machine the step ran on: architecture, CPU model, vCPUs; null before 0006")
 
 
 class AttemptRow(Base):
@@ -121,7 +134,7 @@ class AttemptRow(Base):
     # Added by 0004_attempt_evidence.
     evidence_json: Mapped[str | None] = _col(
         Text,
-        "what the tier decided on, as JSON: for the cache, its best candidates (answer, template, features, gate score and version); for a shadow check, the answer it got; for a gated model tier (local), its answer, features and gate score, and in replays the verdict on it; `trim`: what trimming did to the request (tokens saved by strategy, tools withheld, and in replays what the recorded answer needed that it removed); `asked_for`: withheld tools the answer asked for; null when there is none",
+        "what the tier decided on, as JSON: for the cache, its best candidates (answer, template, features, gate score and version); for a shadow check, the answer it got; for a gated model tier (local), its answer, features and gate score, and in replays the verdict on it; `trim`: what trimming did to the request (tokens saved by strategy, tools withheld, and in replays what the recorded answer needed that it removed); `asked_for`: withheld tools the answer asked for; `route`: the remote model that answered and those that failed before it (fallbacks); `pinned`: the session was pinned to the remote tier (model, steps left); `partial`: the answer received before a stream was cut or closed; null when there is none",
         "JSON",
     )
     # Added by 0005_prefix_tokens.
@@ -130,6 +143,32 @@ class AttemptRow(Base):
         "of the input tokens this tier was sent, those repeating the start of its previous request in the same session; null before 0005",
         "tokens",
     )
+    # Added by 0006_observations.
+    cpu_seconds: Mapped[float | None] = _col(Float, "CPU seconds measured for this attempt's work (rules, cache, local model); null for a remote call, and before 0006", "s")
+    measured_j: Mapped[float | None] = _col(Float, "joules a hardware counter measured for this attempt (`meter`); null when none was read", "J")
+    meter: Mapped[str | None] = _col(Text, "the hardware counter read: `rapl` or `nvml`; null when the energy comes from CPU time or an estimate")
+    energy_model: Mapped[str | None] = _col(Text, "the model a remote estimate is for (a stand-in is charged as the frontier model it stands in for); null otherwise")
+    cached_tokens: Mapped[int | None] = _col(Integer, "of the input tokens, those the provider reported its prompt cache served; null when it did not say (the energy and cost then take the cached share from `prefix_tokens` and the coefficient set's prompt_cache) or for other tiers", "tokens")
+    coefficients: Mapped[str | None] = _col(Text, "version of the coefficient set this attempt's figures were computed with; null before 0006")
+
+
+class OverheadRow(Base):
+    __tablename__ = "overheads"
+    __table_args__ = (_one_of("kind", OVERHEAD_KINDS, "overhead_kind"),)
+
+    id: Mapped[str] = _col(String(26), "ULID of the work; sorts by time", primary_key=True)
+    step_id: Mapped[str] = _col(String(26), "the step recorded with it (`steps.id`): the next one after the work, not one it served", references="steps.id", index=True)
+    at: Mapped[str] = _col(Text, "when the work ended, ISO-8601 UTC")
+    tier: Mapped[str] = _col(Text, "tier the work was for")
+    kind: Mapped[str] = _col(Text, "`model_load` (loading a model), `index_build` (a cache index built from disk), `write_back` (an answer written into the cache: embedding, template, index)")
+    detail: Mapped[str] = _col(Text, "what the work was, in words (the model, how many entries)")
+    cpu_seconds: Mapped[float] = _col(Float, "CPU seconds the work took", "s")
+    energy_method: Mapped[str] = _col(Text, "how the energy was obtained (`cpu-time`)")
+    energy_wh_low: Mapped[float] = _col(Float, "energy of the work, low end", "Wh")
+    energy_wh_point: Mapped[float] = _col(Float, "energy of the work, point estimate", "Wh")
+    energy_wh_high: Mapped[float] = _col(Float, "energy of the work, high end", "Wh")
+    energy_basis: Mapped[str] = _col(Text, "coefficients behind the energy")
+    coefficients: Mapped[str | None] = _col(Text, "version of the coefficient set")
 
 
 class MetaRow(Base):
@@ -158,6 +197,7 @@ STEPS = StepRow.__table__
 ATTEMPTS = AttemptRow.__table__
 META = MetaRow.__table__
 FAULTS = FaultRow.__table__
+OVERHEADS = OverheadRow.__table__
 
 
 def ledger_schema_markdown() -> str:
@@ -166,7 +206,7 @@ def ledger_schema_markdown() -> str:
 
     dialect = sqlite_dialect.dialect()
     out: list[str] = [f"Revision `{head_revision()}`.", ""]
-    for table in (STEPS, ATTEMPTS, META, FAULTS):
+    for table in (STEPS, ATTEMPTS, OVERHEADS, META, FAULTS):
         out += [f"### `{table.name}`", "", "| column | type | unit | meaning |", "|---|---|---|---|"]
         for col in table.columns:
             sql_type = col.type.compile(dialect=dialect) + ("" if col.nullable else " NOT NULL")

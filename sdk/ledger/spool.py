@@ -37,7 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .engine import WRITER_BUSY_TIMEOUT_MS, error_text, is_transient, retrying
 from .faults import fault_row
 from .rows import to_json
-from .schema import ATTEMPTS, FAULTS, STEPS
+from .schema import ATTEMPTS, FAULTS, OVERHEADS, STEPS
 
 try:
     import fcntl
@@ -233,7 +233,7 @@ def _store(
             is_record = "step" in entry
             if is_record:
                 table, row_id = STEPS, entry["step"].get("id")
-                inserts = [(STEPS, [entry["step"]]), (ATTEMPTS, entry.get("attempts") or [])]
+                inserts = [(STEPS, [entry["step"]]), (ATTEMPTS, entry.get("attempts") or []), (OVERHEADS, entry.get("overheads") or [])]
             else:
                 table, row_id = FAULTS, entry["fault"].get("id")
                 inserts = [(FAULTS, [entry["fault"]])]

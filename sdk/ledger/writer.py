@@ -40,7 +40,7 @@ from .faults import FaultLog, log
 from .migrate import upgrade_to_head
 from .reader import read_steps
 from .rows import record_rows
-from .schema import ATTEMPTS, FAULTS, STEPS
+from .schema import ATTEMPTS, FAULTS, OVERHEADS, STEPS
 from .spool import Spool, import_spool
 
 _STOP = object()
@@ -291,10 +291,13 @@ class Ledger:
 
     def _insert_once(self, batch: list[dict[str, Any]]) -> None:
         attempts = [a for rows in batch for a in rows["attempts"]]
+        overheads = [o for rows in batch for o in rows.get("overheads", ())]
         with self._db_lock, self._engine.connect().execution_options(**_WRITE) as conn, conn.begin():
             conn.execute(insert(STEPS), [rows["step"] for rows in batch])
             if attempts:
                 conn.execute(insert(ATTEMPTS), attempts)
+            if overheads:
+                conn.execute(insert(OVERHEADS), overheads)
 
     def _store_faults(self, *, use_db: bool = True) -> None:
         """Store the fault rows not yet stored; on failure keep them for the next batch, or,

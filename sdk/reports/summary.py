@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Engine, case, func, select
 
 from milliwatt.ledger import ATTEMPTS, OUTCOMES, STEPS, LedgerError, fault_lines, open_existing, read_faults
+from milliwatt.ledger.schema import OVERHEADS
 from milliwatt.types import Energy, savings_factor
 
 _RANGE = ("low", "point", "high")
@@ -113,10 +114,14 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         energy_by_kind = conn.execute(
             select(s.quality_kind, *_range("energy"), *_range("baseline_energy")).where(judged).group_by(s.quality_kind)
         ).all()
+        tokens_by_kind = _tokens_by_kind(conn)
+        background = _background(conn)
         trimming = _trimming(conn, totals)
         shadow = _shadow_checks(conn)
 
-    cascade = _energy(totals, "energy")
+    steps_energy = _energy(totals, "energy")
+    # Background work is charged to the cascade: the baseline would have loaded no model.
+    cascade = steps_energy + background["energy"]
     baseline = _energy(totals, "baseline_energy")
     quality = _quality(quality_rows, energy_by_kind)
     tiers = {tier: count for tier, count, *_ in by_tier}
@@ -131,17 +136,27 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         # The quality that matters first: that of the steps the cheaper tiers answered.
         "cheap_tiers": _cheap_tiers(quality_tiers),
         "by_tier": quality_tiers,
-        "energy_wh": {"cascade": _as_range(cascade), "baseline": _as_range(baseline)},
+        # cascade = its steps' attempts + the background work recorded with them (overheads)
+        "energy_wh": {
+            "cascade": _as_range(cascade),
+            "steps": _as_range(steps_energy),
+            "background": _as_range(background["energy"]),
+            "baseline": _as_range(baseline),
+        },
+        "background": {**{k: v for k, v in background.items() if k != "energy"},
+                       "per_step_wh": {k: v / n for k, v in _as_range(background["energy"]).items()} if n else None},  # fmt: skip
         "energy_method": {
             "cascade": methods["energy"],
             "baseline": {**methods["baseline_energy"], "models": dict(baseline_models)},
             "note": (
-                "cascade: the sum over steps of every tier attempt (passes included); "
+                "cascade: the sum over steps of every tier attempt (passes included), plus the background work "
+                "(model loads, cache index builds and write-backs), amortised over the steps; "
                 "baseline: the same steps, untrimmed, each sent to the frontier model; "
                 "savings low = baseline low / cascade high, high = baseline high / cascade low"
             ),
         },
         "savings_factor": savings_factor(baseline, cascade),
+        "savings_factor_steps_only": savings_factor(baseline, steps_energy),
         "tokens": {"input_raw": totals["input_raw"], "input_sent": totals["input_sent"], "output": totals["output"]},
         "trimming": trimming,
         "shadow_checks": shadow,
@@ -160,6 +175,17 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
             }
             for kind, part in ((kind, quality[kind]) for kind in KINDS)
         },
+        # Tokens a model read or wrote per answer that agrees (the cascade: every model attempt,
+        # passes included, and of it the remote tier's; the baseline: filled in by a replay).
+        "tokens_per_useful_answer": {
+            kind: {
+                "cascade": tokens_by_kind.get(kind, {}).get("cascade", 0) / quality[kind]["agree"] if quality[kind]["agree"] else None,
+                "cascade_remote": tokens_by_kind.get(kind, {}).get("remote", 0) / quality[kind]["agree"] if quality[kind]["agree"] else None,
+                "baseline": None,
+                "baseline_tokens": tokens_by_kind.get(kind, {}).get("baseline", 0),
+            }
+            for kind in KINDS
+        },
         "energy_by_tier": {
             tier: {"steps": count, **dict(zip(_RANGE, wh))} for tier, count, *wh in by_tier
         },
@@ -170,6 +196,45 @@ def _summarize(engine: Engine, where: str) -> dict[str, Any]:
         # Records that missed the tables: counts by kind, and what still waits in the spool.
         "ledger_faults": read_faults(engine),
     }
+
+
+def _background(conn: Any) -> dict[str, Any]:
+    """The background work (``overheads``): its energy, and by kind and tier."""
+    o = OVERHEADS.c
+    rows = conn.execute(
+        select(o.kind, o.tier, func.count(), _sum(o.cpu_seconds), *[_sum(o[f"energy_wh_{k}"]) for k in _RANGE])
+        .group_by(o.kind, o.tier).order_by(o.kind, o.tier)
+    ).all()
+    total = Energy.zero()
+    parts = []
+    for kind, tier, count, cpu, lo, pt, hi in rows:
+        e = Energy("cpu-time", lo, pt, max(hi, pt))
+        total = total + e
+        parts.append({"kind": kind, "tier": tier, "count": count, "cpu_seconds": cpu, "energy_wh": _as_range(e)})
+    return {"energy": total, "items": parts}
+
+
+def _tokens_by_kind(conn: Any) -> dict[str, dict[str, int]]:
+    """Per kind of quality measure, over the steps it judged: tokens every model attempt read
+    and wrote, those of the remote tier, and the baseline's."""
+    s, a = STEPS.c, ATTEMPTS.c
+    model_tokens = a.input_tokens + a.output_tokens
+    attempts = conn.execute(
+        select(s.quality_kind, _sum(case((a.model.is_not(None), model_tokens), else_=0)),
+               _sum(case((a.tier == LAST_RESORT, model_tokens), else_=0)))
+        .select_from(STEPS.join(ATTEMPTS, a.step_id == s.id))
+        .where(s.quality_kind.is_not(None), a.outcome != "skipped").group_by(s.quality_kind)
+    ).all()  # fmt: skip
+    baseline = conn.execute(
+        select(s.quality_kind, _sum(func.coalesce(s.baseline_input_tokens, s.input_tokens_raw) + func.coalesce(s.baseline_output_tokens, s.output_tokens)))
+        .where(s.quality_kind.is_not(None)).group_by(s.quality_kind)
+    ).all()  # fmt: skip
+    out: dict[str, dict[str, int]] = {}
+    for kind, every, remote in attempts:
+        out.setdefault(kind, {}).update(cascade=int(every), remote=int(remote))
+    for kind, tokens in baseline:
+        out.setdefault(kind, {})["baseline"] = int(tokens)
+    return out
 
 
 def _shadow_checks(conn: Any) -> dict[str, dict[str, Any]]:
@@ -474,11 +539,27 @@ def _quality_lines(s: dict[str, Any]) -> list[str]:
     if q.get("baseline_recorded") is not None:
         out.append(f"baseline as graded by the data set itself: {_pct(q['baseline_recorded'])}")
     per = s["energy_per_useful_answer_wh"]
+    tokens = s.get("tokens_per_useful_answer") or {}
     for kind in KINDS:
         for side in ("cascade", "baseline"):
             if (per.get(kind) or {}).get(side):
                 out.append(f"energy per useful answer, {kind}-judged steps, {side}: "
                            + " / ".join(_wh(per[kind][side][k]) for k in _RANGE) + " Wh (low / point / high)")  # fmt: skip
+        t = tokens.get(kind) or {}
+        if t.get("cascade") is not None:
+            baseline = f", baseline {t['baseline']:,.0f}" if t.get("baseline") is not None else ""
+            out.append(f"tokens per useful answer, {kind}-judged steps: cascade {t['cascade']:,.0f} "
+                       f"(remote {t['cascade_remote']:,.0f}){baseline}")  # fmt: skip
+    return out
+
+
+def _background_lines(b: dict[str, Any] | None, steps: int) -> list[str]:
+    if not b or not b["items"]:
+        return ["background work: none recorded"]
+    per = b["per_step_wh"]
+    out = [f"background work, charged to the cascade ({_wh(per['point'])} Wh per step over {_steps(steps)}):"]
+    out += [f"  {i['tier']} {i['kind']}: {i['count']}x, {i['cpu_seconds']:.2f} CPU s, {_wh(i['energy_wh']['point'])} Wh"
+            for i in b["items"]]  # fmt: skip
     return out
 
 
@@ -572,11 +653,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     out += _table(
         ["", "low", "point", "high"],
         [
-            ["cascade", *(_wh(e["cascade"][k]) for k in _RANGE)],
+            ["cascade, steps", *(_wh(e["steps"][k]) for k in _RANGE)],
+            ["cascade, background work", *(_wh(e["background"][k]) for k in _RANGE)],
+            ["cascade, total", *(_wh(e["cascade"][k]) for k in _RANGE)],
             ["baseline (all frontier)", *(_wh(e["baseline"][k]) for k in _RANGE)],
             ["savings factor", *(_factor(f[k]) for k in _RANGE)],
         ],
     )
+    out += _background_lines(s.get("background"), n)
     out += _quality_lines(s)
     tok, cost, lat = s["tokens"], s["cost_usd"], s["latency_ms"]
     trimmed = 100 * (1 - tok["input_sent"] / tok["input_raw"]) if tok["input_raw"] else 0.0

@@ -35,7 +35,8 @@ class PrefixTracker:
         session = step.meta.session_id
         if session is None:
             return 0
-        blocks = [(hash(tools_key(step.tools)), counter.tools(step.tools))]
+        key = tools_key(step.tools)
+        blocks = [(hash(key), counter.tools(step.tools, key))]
         blocks += [(hash((m["role"], m.get("tool_call_id"), message_key(m))), counter.message(m)) for m in step.messages]
         with self._lock:
             previous = self._last.pop(session, None)
