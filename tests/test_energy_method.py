@@ -262,11 +262,15 @@ def test_recomputation_works_on_a_ledger_written_before_the_observations(tmp_pat
         with sqlite3.connect(r.path) as conn:
             cpu = conn.execute("SELECT cpu_seconds, energy_wh_point FROM attempts WHERE energy_method = 'cpu-time'").fetchall()
             base = conn.execute("SELECT baseline_input_tokens, baseline_cached_tokens FROM steps").fetchall()
+            base_out = conn.execute("SELECT baseline_output_tokens FROM steps").fetchall()
     with sqlite3.connect(db) as conn:
         old = conn.execute("SELECT energy_wh_point FROM attempts WHERE energy_method = 'cpu-time'").fetchall()
     assert r.kept == {} and cpu and all(c[0] > 0 for c in cpu)
     assert [c[1] for c in cpu] == pytest.approx([o[0] for o in old])  # same coefficients: the same figures
     assert base[0][0] > 0 and base[0][1] == 0
+    # the baseline's answer is recounted from the stored response ("hello"), as the accountant
+    # counted it, not taken from the tier's own output count (12)
+    assert base_out == [(1,)]
 
 
 def test_the_report_recomputes_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

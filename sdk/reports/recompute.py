@@ -8,7 +8,8 @@ and the ordinary report is made from the copy. The ledger itself is only read.
 
 A ledger written before the observations were stored (before migration 0006) is recomputed
 from what its rows say: CPU seconds from a ``cpu-time`` figure and the watts its basis
-names, the charged model from an estimate's basis, the baseline's tokens from the step's,
+names, the charged model from an estimate's basis, the baseline's tokens counted from the
+stored request and answer,
 and, for every ledger, the baseline's cached prefix by following each session's requests in
 order, as the accountant does live, under the set's prompt-cache rule. A figure that cannot be taken apart (``mixed``: several methods in one
 attempt) is kept as written, and counted (``kept``).
@@ -34,7 +35,7 @@ from milliwatt.ledger.migrate import upgrade_to_head
 from milliwatt.ledger.rows import _energy_cols
 from milliwatt.ledger.schema import ATTEMPTS, FAULTS, META, OVERHEADS, STEPS
 from milliwatt.pricing import cost_usd
-from milliwatt.tokens import TokenCounter, encoding_for_model
+from milliwatt.tokens import PER_MESSAGE, TokenCounter, encoding_for_model
 from milliwatt.trimming.prefix import PrefixTracker
 from milliwatt.types import Energy, Step, StepMeta
 
@@ -187,7 +188,10 @@ def _baseline_tokens(row: Any, counter: TokenCounter, prefix: PrefixTracker, c: 
     step = Step(messages=request.get("messages") or [], tools=request.get("tools") or [], meta=StepMeta(session_id=row["session_id"]))
     shared = prefix.observe(step, counter)  # every step, so the session's previous request is known
     tokens_in = row["baseline_input_tokens"] if row["baseline_input_tokens"] is not None else row["input_tokens_raw"]
-    tokens_out = row["baseline_output_tokens"] if row["baseline_output_tokens"] is not None else row["output_tokens"]
+    tokens_out = row["baseline_output_tokens"]
+    if tokens_out is None:  # as the accountant counts it: the answer given, with the baseline's tokenizer
+        response = json.loads(row["response_json"] or "{}")
+        tokens_out = counter.message(response) - PER_MESSAGE if response else 0
     # The prefix is the observation; what a cache serves of it is the coefficient set's rule.
     return tokens_in, tokens_out, min(c.prompt_cache.cached(shared), tokens_in)
 
