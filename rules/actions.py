@@ -1,4 +1,5 @@
-"""What a matched rule does: reply, refuse, call a tool, or route the step to another tier.
+"""What a matched rule does: reply, refuse, call a tool, route the step (to another tier, or
+away from some), or set the step's token budget.
 
 An action may still decline a step its conditions matched (the tool is not offered, the
 rendered arguments fail the tool's schema, ``tool_choice`` forbids a text reply): it raises
@@ -21,7 +22,7 @@ from jsonschema.validators import validator_for
 
 from milliwatt.types import Message, Step
 
-from .templates import Template, lookup
+from .templates import MISSING, Template, lookup
 
 
 class Declined(Exception):
@@ -35,12 +36,16 @@ class Reply:
     text: Template
     label: str | None = None
 
-    def render(self, step: Step, captures: Mapping[str, str | None]) -> Message:
+    @property
+    def uses_result(self) -> bool:
+        return bool(self.text.result_fields)
+
+    def render(self, step: Step, captures: Mapping[str, str | None], result: Any = MISSING) -> Message:
         if step.tool_choice == "required" or isinstance(step.tool_choice, dict):
             raise Declined("tool_choice requires a tool call, not a text reply")
         if step.response_format is not None and step.response_format.get("type") != "text":
             raise Declined(f"response_format {step.response_format['type']!r} asks for structured output")
-        return {"role": "assistant", "content": self.text.render(captures, step.meta)}
+        return {"role": "assistant", "content": self.text.render(captures, step.meta, result)}
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,11 @@ class ToolCall:
     name: str
     arguments: Mapping[str, Any]
 
-    def render(self, step: Step, captures: Mapping[str, str | None]) -> Message:
+    @property
+    def uses_result(self) -> bool:
+        return any(t.result_fields for t in templates_in(self.arguments))
+
+    def render(self, step: Step, captures: Mapping[str, str | None], result: Any = MISSING) -> Message:
         if step.tool_choice == "none":
             raise Declined("tool_choice is 'none'")
         if isinstance(step.tool_choice, dict) and step.tool_choice["function"]["name"] != self.name:
@@ -64,7 +73,7 @@ class ToolCall:
         if tool is None:
             raise Declined(f"tool {self.name!r} is not offered")
         schema = tool["function"].get("parameters") or {"type": "object", "properties": {}}
-        args = _render(self.arguments, captures, step)
+        args = _render(self.arguments, captures, step, result)
         properties = schema.get("properties", {})
         args = {k: coerce(v, properties.get(k, {})) for k, v in args.items()}
         error = best_match(validator_for(schema)(schema).iter_errors(args))
@@ -78,28 +87,51 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class Route:
-    """A routing decision: the rules tier passes, and the cascade goes straight to ``tier``."""
+    """A routing decision: the rules tier passes, and the cascade goes straight to ``tier``
+    (if given), not asking the ``forbid`` tiers for this step."""
 
-    tier: str
+    tier: str | None
+    forbid: frozenset[str] = frozenset()
 
 
-Action = Reply | ToolCall | Route
+@dataclass(frozen=True)
+class Budget:
+    """The rules tier passes, and every later tier of the step gets at most this many input tokens."""
+
+    max_input_tokens: int
+
+
+Action = Reply | ToolCall | Route | Budget
 
 _ABSENT = object()
 
 
-def _render(value: Any, captures: Mapping[str, str | None], step: Step) -> Any:
+def templates_in(value: Any) -> list[Template]:
+    """Every template in a tool call's arguments."""
     if isinstance(value, Template):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in templates_in(v)]
+    if isinstance(value, list):
+        return [t for v in value for t in templates_in(v)]
+    return []
+
+
+def _render(value: Any, captures: Mapping[str, str | None], step: Step, result: Any) -> Any:
+    if isinstance(value, Template):
+        for f in value.result_fields:  # a tool call is never sent with a hole where a result field was
+            if lookup(f, captures, step.meta, result) is MISSING:
+                raise Declined(f"the latest tool result has no field {f[7:]!r} (template {value.source!r})")
         field = value.lone_field
         if field is not None:
-            v = lookup(field, captures, step.meta)
-            return _ABSENT if v is None else v
-        return value.render(captures, step.meta)
+            v = lookup(field, captures, step.meta, result)
+            return _ABSENT if v is None and not field.startswith("result.") else v  # a result field keeps its JSON type
+        return value.render(captures, step.meta, result)
     if isinstance(value, Mapping):
-        rendered = {k: _render(v, captures, step) for k, v in value.items()}
+        rendered = {k: _render(v, captures, step, result) for k, v in value.items()}
         return {k: v for k, v in rendered.items() if v is not _ABSENT}
     if isinstance(value, list):
-        return [v for v in (_render(x, captures, step) for x in value) if v is not _ABSENT]
+        return [v for v in (_render(x, captures, step, result) for x in value) if v is not _ABSENT]
     return value
 
 

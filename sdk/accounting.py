@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .energy import CpuCoefficients, RemoteEnergyModel, cpu_energy
@@ -35,6 +35,17 @@ if TYPE_CHECKING:
 # Step-level ``tier`` of a step no tier answered.
 FAILED = "error"
 CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A step's counterfactual: its energy, cost and the tokens they were computed from."""
+
+    energy: Energy
+    cost_usd: float
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
 
 
 class Accountant:
@@ -120,18 +131,7 @@ class Accountant:
         if tokens_raw is None:
             tokens_raw = self.tokens_raw(step)
         message = message if answer is not None and message is not None else {}
-        # The counterfactual: the same step, untrimmed, answered by the frontier model with an
-        # answer as long as the one given, counted with its tokenizer, its prefix cached.
-        if self.baseline_counter is self.counter:
-            baseline_in, out_tokens = tokens_raw, self.completion_tokens(message)
-        else:
-            baseline_in = self.baseline_counter.request(step.messages, step.tools)
-            out_tokens = self.completion_tokens(message, self.baseline_counter)
-        baseline_cached = self.coefficients.prompt_cache.cached(self._baseline_prefix.observe(step, self.baseline_counter))
-        baseline = self.energy_model.estimate(self.frontier_model, baseline_in, out_tokens, cached_tokens=baseline_cached)
-        if len(self._estimated_lengths) >= 4096:
-            self._estimated_lengths.clear()
-        self._estimated_lengths.add(out_tokens)
+        base = self.baseline(step, message, tokens_raw)
         attempts = tuple(self.priced(a) for a in attempts)
         energy = Energy.zero()
         for a in attempts:
@@ -145,26 +145,45 @@ class Accountant:
             label=answer.label if answer else None,
             input_tokens_raw=tokens_raw,
             input_tokens_sent=sent.tokens_after if answer and sent else 0,
-            output_tokens=(answer.output_tokens or out_tokens) if answer else 0,
+            output_tokens=(answer.output_tokens or base.output_tokens) if answer else 0,
             latency_s=latency,
             energy=energy,
             cost_usd=sum(a.cost_usd for a in attempts),
-            baseline_energy=baseline,
-            baseline_cost_usd=cost_usd(self.frontier_model, baseline_in, out_tokens, baseline_cached, self._price_weight),
+            baseline_energy=base.energy,
+            baseline_cost_usd=base.cost_usd,
             baseline_model=self.frontier_model,
             attempts=attempts,
             request=step.to_openai(),
             response=message,
             input_tokens_prefix=sent.prefix_tokens if answer and sent else 0,
             trimmed=sent if answer else None,
-            baseline_input_tokens=baseline_in,
-            baseline_cached_tokens=baseline_cached,
-            baseline_output_tokens=out_tokens,
+            baseline_input_tokens=base.input_tokens,
+            baseline_cached_tokens=base.cached_tokens,
+            baseline_output_tokens=base.output_tokens,
             baseline_tokenizer=self.baseline_tokenizer,
             coefficients=self.coefficients.version,
             hardware=hardware(),
             overheads=tuple((o, cpu_energy(o.cpu_seconds, self.cpu)) for o in overheads.drain()),
         )
+
+    def baseline(self, step: Step, message: Message, tokens_raw: int | None = None) -> Baseline:
+        """The counterfactual of a step: untrimmed, answered by the frontier model with an
+        answer as long as ``message``, counted with its tokenizer, the prefix it shares with
+        the session's previous step served by the provider's cache. Call it for every step of
+        a session, in order (the prefix is tracked here)."""
+        if self.baseline_counter is self.counter:
+            tokens_in = tokens_raw if tokens_raw is not None else self.tokens_raw(step)
+            tokens_out = self.completion_tokens(message)
+        else:
+            tokens_in = self.baseline_counter.request(step.messages, step.tools)
+            tokens_out = self.completion_tokens(message, self.baseline_counter)
+        cached = min(self.coefficients.prompt_cache.cached(self._baseline_prefix.observe(step, self.baseline_counter)), tokens_in)
+        energy = self.energy_model.estimate(self.frontier_model, tokens_in, tokens_out, cached_tokens=cached)
+        if len(self._estimated_lengths) >= 4096:
+            self._estimated_lengths.clear()
+        self._estimated_lengths.add(tokens_out)
+        cost = cost_usd(self.frontier_model, tokens_in, tokens_out, cached, self._price_weight)
+        return Baseline(energy, cost, tokens_in, cached, tokens_out)
 
     @property
     def _price_weight(self) -> float:

@@ -32,6 +32,10 @@ with the answer as far as it came (``partial`` in the attempt's evidence) and it
 
 Claims: a tier may claim a step before the cheaper ones are asked (``Tier.claim``: a session
 pinned to the remote tier); the tiers before it are recorded as ``skipped``, with its reason.
+
+Decisions of a tier that passes: ``skip_to`` (go straight to that tier), ``forbid`` (do not ask
+these tiers for this step: ``skipped`` with the reason given; never the last resort) and
+``token_budget`` (trim every later tier to at most this many input tokens), e.g. from a rule.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class _Progress:
     current: tuple[str, float, Spend] | None = None  # the attempt in progress: tier, start, spend
     streaming: tuple[str, float, TierStream] | None = None  # the answer being streamed: tier, start, stream
     handed_on: bool = False  # the record went to the sink
+    token_cap: int | None = None  # a tier's cap on the input tokens of the later tiers (a rule's budget)
 
 
 @dataclass
@@ -161,6 +166,7 @@ class Cascade:
         last = len(self.tiers) - 1
         claimed, claim = self._claimed(step)
         skip_to: str | None = None
+        forbidden: dict[str, str] = {}  # tiers an earlier tier said not to ask (a rule's forbid), with why
         asked: dict[str, Step] = {}  # the step as each tier was asked it, for write-back
         for index, tier in enumerate(self.tiers):
             if claim is not None and index < claimed and tier.name not in claim.keep:
@@ -169,13 +175,16 @@ class Cascade:
             if skip_to is not None and tier.name != skip_to:
                 attempts.append(_skipped(tier.name, f"routed to {skip_to}"))
                 continue
+            if tier.name in forbidden and index < last:  # the last resort is asked whatever was said
+                attempts.append(_skipped(tier.name, forbidden[tier.name]))
+                continue
             skip_to = None
             a0 = time.perf_counter()
             under = claim if index == claimed else None
             with spending() as spend, claiming(under):
                 p.current = (tier.name, a0, spend)
                 try:
-                    result, trimmed, a0 = await self._ask(tier, step, tokens_raw, attempts, a0, streaming=streaming)
+                    result, trimmed, a0 = await self._ask(tier, step, tokens_raw, attempts, a0, streaming=streaming, cap=p.token_cap)
                     asked[tier.name] = trimmed.step
                 except Exception as e:  # noqa: BLE001 - any failure of a tier is a reason to go on
                     p.current = None
@@ -201,6 +210,9 @@ class Cascade:
             # have, or one already passed, would skip every later tier and fail the step.
             later = {t.name for t in self.tiers[index + 1 :]}
             skip_to = result.skip_to if result.skip_to in later else None
+            forbidden.update(result.forbid)
+            if result.token_budget is not None:
+                p.token_cap = result.token_budget if p.token_cap is None else min(p.token_cap, result.token_budget)
         await self._hand_on_quietly(p, await self._account(p))
         raise NoTierAnswered("every tier passed: " + "; ".join(f"{a.tier}: {a.reason}" for a in attempts))
 
@@ -324,7 +336,7 @@ class Cascade:
         with spending() as spend, claiming(chosen.claim):
             p.current = (tier.name, a0, spend)
             try:
-                again, trimmed, a0 = await self._unwithhold(tier, p.step, p.tokens_raw or 0, p.attempts, a0, result, trimmed)
+                again, trimmed, a0 = await self._unwithhold(tier, p.step, p.tokens_raw or 0, p.attempts, a0, result, trimmed, cap=p.token_cap)
             except Exception as e:  # noqa: BLE001 - typed for the caller below
                 p.current = None
                 reason = redact(f"{type(e).__name__}: {e}")
@@ -402,27 +414,32 @@ class Cascade:
             await self.sink.write(record)
 
     async def _ask(
-        self, tier: Tier, step: Step, tokens_raw: int, attempts: list[Attempt], a0: float, *, streaming: bool = False
+        self, tier: Tier, step: Step, tokens_raw: int, attempts: list[Attempt], a0: float, *, streaming: bool = False,
+        cap: int | None = None,
     ) -> tuple[TierResult | TierStream, Trimmed, float]:
         """Trim the step for ``tier`` and ask it; return the result, the request it answered
         and when that request started. An answer that asks for tools whose schemas trimming
         withheld (it calls one, or the index of them) is not an answer: it is recorded as a
         passed attempt and the tier is asked again with those schemas (and, should it ask
         again, with all of them). ``streaming``: the tier may answer with a ``TierStream``
-        (what it asks for is then seen when it ends: ``_after_stream``)."""
-        trimmed = await self._trim(step, tier, tokens_raw)
+        (what it asks for is then seen when it ends: ``_after_stream``). ``cap``: the step's own
+        cap on input tokens (a rule's budget), beside the tier's."""
+        trimmed = await self._trim(step, tier, tokens_raw, cap=cap)
         if not trimmed.fits:
             # A token budget is what the tier can take (a local model's window, or what runs
             # fast enough on a CPU): what must stay of the step is more, so it is not asked.
-            reason = f"{trimmed.tokens_after} input tokens after trimming exceed the tier's token budget of {tier.token_budget}"
+            budget = _budget(tier.token_budget, cap)
+            whose = "the tier's" if budget == tier.token_budget else "the step's (set by an earlier tier)"
+            reason = f"{trimmed.tokens_after} input tokens after trimming exceed {whose} token budget of {budget}"
             return TierResult.passed(tier.name, reason), trimmed, a0
         result = await (tier.stream(trimmed.step) if streaming else tier.attempt(trimmed.step))
         if isinstance(result, TierStream):
             return result, trimmed, a0
-        return await self._unwithhold(tier, step, tokens_raw, attempts, a0, result, trimmed)
+        return await self._unwithhold(tier, step, tokens_raw, attempts, a0, result, trimmed, cap=cap)
 
     async def _unwithhold(
-        self, tier: Tier, step: Step, tokens_raw: int, attempts: list[Attempt], a0: float, result: TierResult, trimmed: Trimmed
+        self, tier: Tier, step: Step, tokens_raw: int, attempts: list[Attempt], a0: float, result: TierResult, trimmed: Trimmed,
+        *, cap: int | None = None,
     ) -> tuple[TierResult, Trimmed, float]:
         """While ``result`` asks for tool schemas trimming withheld, record it as passed and ask
         the tier again with them (then with all of them); return the last answer."""
@@ -439,12 +456,12 @@ class Cascade:
                 evidence={**(passed.evidence or {}), "asked_for": sorted(asked_for)},
             ))  # fmt: skip
             a0 = time.perf_counter()
-            trimmed = await self._trim(step, tier, tokens_raw, reveal)
+            trimmed = await self._trim(step, tier, tokens_raw, reveal, cap=cap)
             result = await tier.attempt(trimmed.step)
         return result, trimmed, a0
 
-    async def _trim(self, step: Step, tier: Tier, tokens_raw: int, reveal: Collection[str] = ()) -> Trimmed:
-        trimmer, budget = self.trimmers[tier.name], tier.token_budget
+    async def _trim(self, step: Step, tier: Tier, tokens_raw: int, reveal: Collection[str] = (), *, cap: int | None = None) -> Trimmed:
+        trimmer, budget = self.trimmers[tier.name], _budget(tier.token_budget, cap)
         if not trimmer.strategies and (budget is None or tokens_raw <= budget):
             return trimmer.trim(step, budget, tokens_before=tokens_raw)  # returns at once
         # Strategies tokenise what they rewrite (once: the counts are memoised), so off the loop.
@@ -630,6 +647,11 @@ async def _cut(stream: TierStream, outcome: str, reason: str, latency: float) ->
         label=partial.label,
         evidence={**(partial.evidence or {}), "partial": partial.message},
     )
+
+
+def _budget(own: int | None, cap: int | None) -> int | None:
+    """A tier's token budget under the step's cap (either may be unset)."""
+    return own if cap is None else cap if own is None else min(own, cap)
 
 
 def _skipped(tier: str, reason: str) -> Attempt:

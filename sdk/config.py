@@ -130,6 +130,10 @@ class RulesSettings(_Section):
     # No pack by default: out of the box the rules tier answers nothing. The demo names its
     # own pack (examples/support_rules.yaml), so demo data never answers a user's agent.
     packs: list[str] = Field(default_factory=list)
+    # Hot reload: at most every reload_interval_s, a step checks whether a rule file changed
+    # and, if so, the packs are reloaded off the event loop (a broken edit keeps the last good).
+    reload: bool = True
+    reload_interval_s: float = Field(1.0, gt=0, le=3600)
 
     @field_validator("packs", mode="before")
     @classmethod

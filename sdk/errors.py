@@ -2,7 +2,7 @@
 
 Bad input raises ``InvalidRequestError`` (a ``ValueError``) whose ``field`` is a path
 into the request, e.g. ``messages[3].tool_calls[0].function.arguments``; a bad rule
-file raises ``RuleFileError`` with the file and line. Remote failures are split by
+file raises ``RuleFileError`` with the file, line and column. Remote failures are split by
 what a caller can do about them (retry later, fix the request, give up).
 """
 
@@ -34,12 +34,16 @@ class ConfigError(MilliwattError, ValueError):
 class RuleFileError(MilliwattError, ValueError):
     """A rule file failed to parse or validate. Rules already loaded stay in force."""
 
-    def __init__(self, path: str, line: int | None, problem: str) -> None:
+    def __init__(self, path: str, line: int | None, problem: str, column: int | None = None) -> None:
         self.path = path
         self.line = line
+        self.column = column if line is not None else None  # 1-based, like line
         self.problem = problem
-        where = f"{path}:{line}" if line is not None else path
+        where = path if line is None else f"{path}:{line}" if self.column is None else f"{path}:{line}:{self.column}"
         super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self):  # picklable with its column (a reload runs in a thread; errors cross to the loop)
+        return (type(self), (self.path, self.line, self.problem, self.column))
 
 
 class BackendError(MilliwattError):

@@ -54,7 +54,7 @@ def cpu_coefficients(settings: Settings) -> CpuCoefficients:
 def _rules(section: RulesSettings, settings: Settings) -> Tier:
     from milliwatt.rules import RulesTier
 
-    return RulesTier(section.packs, cpu=cpu_coefficients(settings))
+    return RulesTier(section.packs, cpu=cpu_coefficients(settings), watch=section.reload, reload_interval_s=section.reload_interval_s)
 
 
 def _cache(section: CacheSettings, settings: Settings) -> Tier:

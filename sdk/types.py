@@ -377,6 +377,12 @@ class TierResult:
     label: str | None = None  # e.g. "stand-in" for the demo's loopback remote
     cacheable: bool = True  # may this answer be written back to the cache?
     skip_to: TierName | None = None  # a routing decision: pass straight to this tier
+    # Tiers not to ask for this step (a rule's ``route: {forbid: [...]}``), each with the reason
+    # its ``skipped`` attempt records; the last resort is asked whatever this says.
+    forbid: Mapping[TierName, str] = field(default_factory=dict)
+    # A cap on the input tokens of every later tier of this step (a rule's ``budget``): each is
+    # trimmed to the smaller of this and its own budget, and not asked if the step cannot fit.
+    token_budget: int | None = None
     # What the tier decided on, kept in the ledger (attempts.evidence_json) so the decision
     # can be judged and recalibrated later: e.g. the cache's candidate and its gate score.
     evidence: Mapping[str, Any] | None = None

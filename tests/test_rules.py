@@ -487,7 +487,8 @@ def test_invalid_file_names_file_and_line(tmp_path, case):
     assert Path(err.path).name == "bad.yaml"
     assert err.line == expected_line, f"{err} (expected line {expected_line})"
     assert problem in err.problem
-    assert str(err).startswith(f"{path}:{expected_line}: ")
+    assert isinstance(err.column, int) and err.column >= 1  # errors name the column too
+    assert str(err).startswith(f"{path}:{expected_line}:{err.column}: ")
 
 
 def test_duplicate_id_across_files_names_the_second_file_and_the_first(tmp_path):

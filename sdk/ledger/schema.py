@@ -134,7 +134,7 @@ class AttemptRow(Base):
     # Added by 0004_attempt_evidence.
     evidence_json: Mapped[str | None] = _col(
         Text,
-        "what the tier decided on, as JSON: for the cache, its best candidates (answer, template, features, gate score and version); for a shadow check, the answer it got; for a gated model tier (local), its answer, features and gate score, and in replays the verdict on it; `trim`: what trimming did to the request (tokens saved by strategy, tools withheld, and in replays what the recorded answer needed that it removed); `asked_for`: withheld tools the answer asked for; `route`: the remote model that answered and those that failed before it (fallbacks); `pinned`: the session was pinned to the remote tier (model, steps left); `partial`: the answer received before a stream was cut or closed; null when there is none",
+        "what the tier decided on, as JSON: for the cache, its best candidates (answer, template, features, gate score and version); for a shadow check, the answer it got; for a gated model tier (local), its answer, features and gate score, and in replays the verdict on it; `trim`: what trimming did to the request (tokens saved by strategy, tools withheld, and in replays what the recorded answer needed that it removed); `asked_for`: withheld tools the answer asked for; `route`: the remote model that answered and those that failed before it (fallbacks); `pinned`: the session was pinned to the remote tier (model, steps left); `partial`: the answer received before a stream was cut or closed; for the rules tier, `rule` (the rule that answered or routed, or null) and `pack_version` (the loaded packs' version); null when there is none",
         "JSON",
     )
     # Added by 0005_prefix_tokens.

@@ -70,7 +70,8 @@ EVIDENCE_AFTER = EVIDENCE_BEFORE.replace(
     "; null when there is none",
     "; `route`: the remote model that answered and those that failed before it (fallbacks); `pinned`: the session "
     "was pinned to the remote tier (model, steps left); `partial`: the answer received before a stream was cut or "
-    "closed; null when there is none",
+    "closed; for the rules tier, `rule` (the rule that answered or routed, or null) and `pack_version` (the loaded "
+    "packs' version); null when there is none",
 )
 
 
