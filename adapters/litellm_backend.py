@@ -40,6 +40,7 @@ import asyncio
 import email.utils
 import inspect
 import os
+import re
 import sys
 import threading
 import time
@@ -69,6 +70,14 @@ from milliwatt.types import Step
 log = get_logger("milliwatt.remote")
 
 _RETRYABLE = (RemoteTimeout, RemoteRateLimited, RemoteUnavailable)
+# Options a step and the configuration's ``extra`` both may give, merged key by key.
+_MERGED = ("extra_headers", "extra_body")
+# What a step passes through that only shapes how a model answers, not what a right answer is:
+# sent where litellm says the model takes it, else left out (litellm would refuse the call, as
+# OpenAI refuses reasoning_effort for gpt-4o), as the cheaper tiers leave it out.
+_HINTS = ("user", "reasoning_effort")
+# Headers whose values are credentials (registered for redaction).
+_CREDENTIAL_HEADER = re.compile(r"auth|key|token|secret|cookie|password", re.IGNORECASE)
 _T = TypeVar("_T")
 
 
@@ -194,6 +203,7 @@ class LiteLLMBackend(ModelBackend):
         self._loop_lock = threading.Lock()
         self._finalizer: weakref.finalize | None = None
         self._stream_options: bool | None = None  # does the provider take stream_options? (asked once)
+        self._params: dict[str, bool] = {}  # does the model take this parameter? (``_takes``)
 
     def check(self) -> None:
         """Fail at start, naming what to set, when the provider's credentials are missing.
@@ -237,7 +247,23 @@ class LiteLLMBackend(ModelBackend):
 
     def _request(self, step: Step) -> dict[str, Any]:
         req = step.to_openai()
-        req.update(self.extra)
+        # The configured ``extra`` first, then what the step says: its ``extra_headers`` and
+        # ``extra_body`` are merged over the configured ones (a step's value wins, key by key).
+        req.update({k: v for k, v in self.extra.items() if k not in _MERGED})
+        for key in _MERGED:
+            ours, theirs = self.extra.get(key), step.options.get(key)
+            if isinstance(ours, dict) and isinstance(theirs, dict):
+                req[key] = {**ours, **theirs}
+            elif theirs is not None or ours is not None:
+                req[key] = theirs if theirs is not None else ours
+        for name, value in (req.get("extra_headers") or {}).items():
+            if _CREDENTIAL_HEADER.search(name):
+                register_secret(value)  # never in a log line or an error's text
+        if step.meta.user is not None and "user" not in req:
+            req["user"] = step.meta.user  # OpenAI's ``user``: the end user the agent acts for
+        for key in _HINTS:
+            if key in req and not self._takes(key):
+                del req[key]  # a model without it answers as if it had not been asked
         req.update(model=self.model, timeout=self.timeout_s, num_retries=0)
         if step.meta.extra:
             # litellm hands ``metadata`` to its callbacks and custom providers (providers'
@@ -249,6 +275,21 @@ class LiteLLMBackend(ModelBackend):
         if key:
             req["api_key"] = key
         return req
+
+    def _takes(self, param: str) -> bool:
+        """Does litellm say this model takes ``param`` (asked once per parameter)? Where it
+        cannot say, the parameter is sent and the provider decides."""
+        if param not in self._params:
+            litellm = import_litellm()
+            try:
+                model, provider, _, _ = litellm.get_llm_provider(self.model, api_base=self.api_base)
+                params = litellm.get_supported_openai_params(model=model, custom_llm_provider=provider)
+                self._params[param] = params is None or param in params
+            except Exception:  # noqa: BLE001 - a model litellm cannot resolve fails at its call, typed
+                self._params[param] = True
+            if not self._params[param]:
+                log.info("%s does not take %r (litellm's word): it is not sent", self.model, param)
+        return self._params[param]
 
     def _thread(self) -> _LoopThread:
         """The backend's loop thread, started on first use (again after ``aclose``)."""

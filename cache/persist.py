@@ -82,7 +82,9 @@ def save(store: Store, folder: str | os.PathLike[str], model: str) -> None:
 
 
 def _save(store: Store, folder: Path, model: str) -> None:
-    import faiss
+    from .store import _faiss
+
+    faiss = _faiss()
 
     folder.mkdir(parents=True, exist_ok=True)
     ids, vecs, entries = store.snapshot()
@@ -109,7 +111,9 @@ def load(store: Store, folder: str | os.PathLike[str], model: str) -> int:
     A missing or empty folder is a new cache. Anything else that is not a matching pair of
     files raises ``CacheFileError`` naming the file and the problem.
     """
-    import faiss
+    from .store import _faiss
+
+    faiss = _faiss()
 
     folder = Path(folder)
     index_path, entries_path = folder / INDEX_FILE, folder / ENTRIES_FILE

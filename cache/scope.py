@@ -31,7 +31,8 @@ from milliwatt.types import Step, content_text
 # (persist.py drops them at load). 2: the end user in the scope, the whole conversation
 # before the last user message in the partition, only the last user message embedded.
 SCOPE_VERSION = "mw-cache-scope/2"
-_SCOPE_OPTIONS = ("max_tokens", "stop", "parallel_tool_calls")
+# extra_body: a provider's own parameters, which may shape the answer (a step without it keys as before).
+_SCOPE_OPTIONS = ("max_tokens", "max_completion_tokens", "stop", "parallel_tool_calls", "extra_body")
 MAX_QUERY_CHARS = 16_000  # a longer last user message is not cached (uncacheable_reason)
 
 

@@ -111,9 +111,9 @@ TOMBSTONE_SHARE = 0.25
 
 
 def _faiss() -> Any:
-    import faiss
+    from milliwatt._extras import load
 
-    return faiss
+    return load("faiss", "cache", "the cache tier")
 
 
 @dataclass

@@ -18,7 +18,8 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
 
-.venv/bin/python -m pip install --quiet -e ".[test]"
+# Every extra (README, "Install"): the tiers, `milliwatt serve`, the HTML report; and the tests'.
+.venv/bin/python -m pip install --quiet -e ".[all,test]"
 
 # The HTML report's test renders the page in a real headless browser: Debian's chromium.
 # Installed only where we can (root, apt-get); elsewhere that test says it skipped and why.

@@ -29,7 +29,6 @@ files without running litellm (its import takes seconds).
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 _LITELLM_IMPORT_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+# What litellm is for: a core dependency (pyproject.toml), named by the 'remote' extra too.
+_LITELLM_USE = "the remote tier and the models' prices (litellm)"
 _import_lock = threading.Lock()
 
 
@@ -61,6 +62,8 @@ def import_litellm() -> Any:
 
     Blocks for seconds the first time: call it from a worker thread, never on the event loop.
     """
+    from ._extras import load
+
     if "litellm" not in sys.modules:
         with _import_lock:
             if "litellm" not in sys.modules:
@@ -68,11 +71,11 @@ def import_litellm() -> Any:
                 try:
                     for name, value in _LITELLM_IMPORT_ENV.items():
                         os.environ.setdefault(name, value)
-                    importlib.import_module("litellm")
+                    load("litellm", "remote", _LITELLM_USE)
                 finally:
                     _restore(before)
     # Imported, or being imported by another thread: import_module waits for it.
-    module = importlib.import_module("litellm")
+    module = load("litellm", "remote", _LITELLM_USE)
     module.suppress_debug_info = True  # the one litellm global milliwatt sets (module docstring)
     return module
 

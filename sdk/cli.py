@@ -1,4 +1,4 @@
-"""The ``milliwatt`` command: ``demo`` (the main job), ``report``, ``replay``, ``rules`` and ``cache``."""
+"""The ``milliwatt`` command: ``demo`` (the main job), ``report``, ``replay``, ``rules``, ``cache`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="the 95%% Clopper-Pearson lower bound of held-out agreement a rule needs (default 0: reported only)")
     suggest.add_argument("--seed", type=int, default=0, help="seed of the split by session (default 0)")
     suggest.add_argument("--json", dest="json_out", metavar="OUT", help="also write each rule's figures and the what-if reports as JSON")
+    from .serve.command import add_arguments as serve_arguments
+
+    serve_arguments(sub.add_parser("serve", help="serve an OpenAI-compatible endpoint (/v1/chat/completions) that answers through the cascade"))
     cache = sub.add_parser("cache", help="work with the semantic cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     cache_bench_arguments(cache_sub.add_parser("bench", help="wrong hits and recall of the cache's gate on question pairs, vs cosine and GPTCache"))
@@ -192,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_calibrate(args)
         elif args.command == "rules":
             return _rules(args)
+        elif args.command == "serve":
+            from .serve.command import run as run_serve
+
+            return run_serve(args)
     except MilliwattError as e:
         print(f"milliwatt: error: {e}", file=sys.stderr)
         return 2

@@ -330,6 +330,16 @@ class RemoteSettings(_Section):
 TierSettings = Annotated[RulesSettings | CacheSettings | LocalSettings | RemoteSettings, Field(discriminator="tier")]
 
 
+class ServeSettings(_Section):
+    """``milliwatt serve``, the OpenAI-compatible endpoint (docs/integrations.md); the command's
+    options win. ``api_keys_env``: the variable holding the client keys, comma-separated (null:
+    no authentication, for loopback only). The keys themselves never go in this file."""
+
+    host: str = "127.0.0.1"  # loopback: exposing the endpoint is a deliberate choice
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys_env: str | None = None
+
+
 class Settings(_Section):
     """The whole configuration. ``tiers`` lists the cascade order by registered name."""
 
@@ -346,6 +356,7 @@ class Settings(_Section):
     ledger: str | None = "sqlite:///milliwatt.db"
     trim: TrimSettings = Field(default_factory=TrimSettings)
     energy: EnergySettings = Field(default_factory=EnergySettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     def section(self, tier: str) -> TierSettings | dict[str, Any]:
         if tier in BUILT_IN_TIERS:

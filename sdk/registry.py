@@ -12,6 +12,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
+from ._extras import require
 from .config import CacheSettings, LocalSettings, RemoteSettings, RulesSettings, Settings
 from .energy import CpuCoefficients
 from .errors import ConfigError
@@ -58,6 +59,7 @@ def _rules(section: RulesSettings, settings: Settings) -> Tier:
 
 
 def _cache(section: CacheSettings, settings: Settings) -> Tier:
+    require("cache", "the cache tier")  # a missing extra is named at start, not at the first step
     from milliwatt.cache import CacheTier
     from milliwatt.cache.evidence import load_gate
 
@@ -70,6 +72,9 @@ def _cache(section: CacheSettings, settings: Settings) -> Tier:
 
 
 def _local(section: LocalSettings, settings: Settings) -> Tier:
+    require("local", "the local tier")
+    if section.pregate is not False and not section.observe:
+        require("cache", "the local tier's pre-gate (local.pregate)")  # it embeds steps with the cache's model
     from milliwatt.adapters.llama_cpp import LlamaCppBackend
 
     from .futility import FutilityGuard
@@ -113,6 +118,7 @@ def _local(section: LocalSettings, settings: Settings) -> Tier:
 
 
 def _remote(section: RemoteSettings, settings: Settings) -> Tier:
+    require("remote", "the remote tier")
     from milliwatt.adapters.litellm_backend import LiteLLMBackend
 
     from .model_tier import ModelTier

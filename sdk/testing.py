@@ -148,8 +148,9 @@ class OpenAIStubServer:
     request asks for one (``stream_options.include_usage``; ``stream_usage=False``: never, as
     providers without it), then ``data: [DONE]``. The same answer streamed or not has the same
     usage. ``script(Scripted(...))`` makes the next requests fail (``Scripted``); ``calls``
-    lists every request as ``{"model", "stream", "status", "chunks"}`` (``chunks``: how many
-    were sent, for a streamed answer).
+    lists every request as ``{"model", "stream", "status", "chunks", "body", "headers"}``
+    (``chunks``: how many were sent, for a streamed answer; ``body``: the JSON request;
+    ``headers``: its HTTP headers, names in lower case).
     """
 
     def __init__(
@@ -242,7 +243,8 @@ class OpenAIStubServer:
                     self._send(400, {"error": {"message": "invalid JSON", "type": "invalid_request_error"}})
                     return
                 model, stream = request.get("model"), bool(request.get("stream"))
-                call: dict[str, Any] = {"model": model, "stream": stream, "status": 200, "chunks": 0}
+                call: dict[str, Any] = {"model": model, "stream": stream, "status": 200, "chunks": 0,
+                                        "body": request, "headers": {k.lower(): v for k, v in self.headers.items()}}
                 with stub._lock:
                     stub.calls.append(call)
                 scripted = stub._take(model) or Scripted()

@@ -17,6 +17,7 @@ import base64
 import functools
 import hashlib
 import json
+import os
 import pickle
 import threading
 from collections import OrderedDict
@@ -96,6 +97,11 @@ def encoding(name: str = "o200k_base"):  # noqa: ANN201 - tiktoken.Encoding
         return tiktoken.Encoding(
             name, pat_str=spec["pat_str"], mergeable_ranks=_mergeable_ranks(data), special_tokens=spec["special_tokens"]
         )
+    if name in _BUNDLED and litellm_tokenizers_dir() is None and not os.environ.get("TIKTOKEN_CACHE_DIR"):
+        # Without litellm's files tiktoken would download this one: say what to install instead.
+        from ._extras import MissingExtra
+
+        raise MissingExtra(f"counting tokens offline ({name})", "remote", "litellm")
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .errors import InvalidRequestError
@@ -119,7 +119,9 @@ def savings_factor(baseline: Energy, cascade: Energy) -> dict[str, float | None]
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _OPTION_KEYS = {"temperature", "top_p", "max_tokens", "seed", "stop", "presence_penalty",
-                "frequency_penalty", "n", "logprobs", "top_logprobs", "parallel_tool_calls"}
+                "frequency_penalty", "n", "logprobs", "top_logprobs", "parallel_tool_calls",
+                # What agents send today, passed through to the remote tier (``Step.create``):
+                "max_completion_tokens", "reasoning_effort", "extra_headers", "extra_body", "user"}
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,13 @@ class Step:
         options: dict[str, Any] | None = None,
         meta: StepMeta | None = None,
     ) -> Step:
-        """Validate an OpenAI-format request; raise ``InvalidRequestError`` naming the field."""
+        """Validate an OpenAI-format request; raise ``InvalidRequestError`` naming the field.
+
+        ``options``: the sampling options, and what agents send beside them, passed through:
+        ``max_completion_tokens`` (a cap on the answer for every tier, like ``max_tokens``),
+        ``reasoning_effort``, ``extra_headers`` and ``extra_body`` (sent by the remote tier only,
+        as litellm takes them; the headers are never recorded), and ``user`` (the end user:
+        it becomes ``meta.user``). Any other key is refused, named."""
         msgs = validate_messages(messages)
         tls = validate_tools(tools)
         names = {t["function"]["name"] for t in tls}
@@ -175,7 +183,14 @@ class Step:
             raise InvalidRequestError(f"options.{unknown[0]}", f"unknown sampling option (known: {', '.join(sorted(_OPTION_KEYS))})")
         for key, value in opts.items():
             _validate_option(key, value)
-        return cls(tuple(msgs), tuple(tls), tool_choice, response_format, opts, meta or StepMeta())
+        meta = meta or StepMeta()
+        if "user" in opts:  # OpenAI's ``user`` is who the agent acts for: the step's end user
+            user = opts.pop("user")
+            if user is not None and meta.user is not None and user != meta.user:
+                raise InvalidRequestError("options.user", f"{user!r} differs from the step's user {meta.user!r}")
+            if user is not None:
+                meta = replace(meta, user=user)
+        return cls(tuple(msgs), tuple(tls), tool_choice, response_format, opts, meta)
 
     # Conveniences the tiers all need.
     @property
@@ -198,8 +213,16 @@ class Step:
     def with_messages(self, messages: list[Message] | tuple[Message, ...]) -> Step:
         return Step(tuple(messages), self.tools, self.tool_choice, self.response_format, self.options, self.meta)
 
+    @property
+    def max_tokens(self) -> int | None:
+        """The cap on the answer's tokens: the smaller of ``max_tokens`` and
+        ``max_completion_tokens`` where both are given, None where neither is."""
+        caps = [v for k in ("max_tokens", "max_completion_tokens") if (v := self.options.get(k)) is not None]
+        return min(caps) if caps else None
+
     def to_openai(self) -> dict[str, Any]:
-        """The request as OpenAI chat-completions keyword arguments."""
+        """The request as OpenAI chat-completions keyword arguments (what the ledger records:
+        without ``extra_headers``, which may carry credentials; the remote tier adds them)."""
         req: dict[str, Any] = {"messages": list(self.messages)}
         if self.tools:
             req["tools"] = list(self.tools)
@@ -207,13 +230,14 @@ class Step:
             req["tool_choice"] = self.tool_choice
         if self.response_format is not None:
             req["response_format"] = self.response_format
-        req.update(self.options)
+        req.update((k, v) for k, v in self.options.items() if k != "extra_headers")
         return req
 
 
 _NUMBER_OPTIONS = {"temperature", "top_p", "presence_penalty", "frequency_penalty"}
-_INT_OPTIONS = {"max_tokens", "seed", "n", "top_logprobs"}
+_INT_OPTIONS = {"max_tokens", "max_completion_tokens", "seed", "n", "top_logprobs"}
 _BOOL_OPTIONS = {"logprobs", "parallel_tool_calls"}
+_STR_OPTIONS = {"reasoning_effort", "user"}
 
 
 def _validate_option(key: str, value: Any) -> None:
@@ -229,6 +253,21 @@ def _validate_option(key: str, value: Any) -> None:
         raise InvalidRequestError(where, f"must be true or false, got {value!r}")
     if key == "stop" and not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))):
         raise InvalidRequestError(where, f"must be a string or a list of strings, got {value!r}")
+    if key in _STR_OPTIONS and not (isinstance(value, str) and value):
+        raise InvalidRequestError(where, f"must be a non-empty string, got {value!r}")
+    if key == "extra_headers":
+        if not isinstance(value, dict):
+            raise InvalidRequestError(where, f"must be an object of header names to string values, got {type(value).__name__}")
+        for name, v in value.items():
+            if not (isinstance(name, str) and name) or not isinstance(v, str):
+                raise InvalidRequestError(f"{where}.{name}", f"a header needs a name and a string value, got {v!r}")
+    if key == "extra_body":
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise InvalidRequestError(where, f"must be an object with string keys, got {type(value).__name__}")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise InvalidRequestError(where, f"must be JSON (it is sent as the request body): {e}") from None
 
 
 def content_text(content: Any) -> str:

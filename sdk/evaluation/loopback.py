@@ -17,6 +17,7 @@ import urllib.request
 from types import TracebackType
 from typing import IO
 
+from milliwatt._extras import require
 from milliwatt.errors import BackendError
 
 from milliwatt.adapters.llama_cpp import default_gguf_path
@@ -46,6 +47,8 @@ class LoopbackServer:
         """``chat_format``: agent traffic carries assistant tool calls and tool results, which
         the default GGUF's own template cannot render; ``milliwatt-chatml`` (registered by
         ``standin_server``) flattens them into ChatML, SmolLM2's format. None: the GGUF's."""
+        # llama-cpp-python's server, in the 'local' extra as llama-cpp-python[server].
+        require("local", "the loopback stand-in server", "llama_cpp", "fastapi", "uvicorn")
         self.model_path = model_path or default_gguf_path()
         self.model = model_alias
         self.n_ctx = n_ctx

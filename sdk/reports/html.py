@@ -88,8 +88,11 @@ def write_html_report(ledger: str | Path, out: str | Path, *, png_dir: str | Pat
     self-contained HTML page; with ``png_dir``, also write each chart there as a PNG.
 
     Raises ``milliwatt.ledger.LedgerError`` naming the ledger if it is missing, not a ledger,
-    or has no steps.
+    or has no steps; ``milliwatt._extras.MissingExtra`` without matplotlib (the 'report' extra).
     """
+    from milliwatt._extras import require
+
+    require("report", "the HTML report")  # before the ledger is read: the charts need it
     engine, where = open_existing(ledger)
     try:
         steps = _load_steps(engine)

@@ -206,6 +206,10 @@ def run_report(args: Any) -> int:
     if args.coefficients and not args.recompute:
         print("milliwatt: error: --coefficients goes with --recompute", file=sys.stderr)
         return 2
+    if args.html:
+        from milliwatt._extras import require
+
+        require("report", "the HTML report")  # said before the summary is printed
 
     def report(ledger: str | Path, note: str | None = None) -> None:
         summary = summarize(ledger)
