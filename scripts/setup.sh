@@ -27,4 +27,11 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
     echo "could not install chromium; the browser test will skip" >&2
 fi
+# The ledger's PostgreSQL tests start a throwaway cluster with Debian's postgresql (initdb, pg_ctl).
+# Installed only where we can (root, apt-get); elsewhere those tests say they skipped and why.
+if ! command -v pg_ctl >/dev/null && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 &&
+  command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } ||
+    echo "could not install postgresql; the ledger's PostgreSQL tests will skip" >&2
+fi
 echo "milliwatt is set up in .venv"

@@ -201,7 +201,8 @@ class Milliwatt:
         messages, tools, tool_choice, response_format, options, metadata = snapshot(
             (messages, tools, tool_choice, response_format, options, metadata)
         )
-        meta = StepMeta(session_id, run_id, tenant, agent, dict(metadata or {}), user)
+        extra = dict(metadata) if isinstance(metadata, dict) else metadata or {}  # anything else: refused, named
+        meta = StepMeta(session_id, run_id, tenant, agent, extra, user)
         return Step.create(
             messages, tools=tools, tool_choice=tool_choice, response_format=response_format, options=options, meta=meta
         )

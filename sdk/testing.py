@@ -129,6 +129,12 @@ class Scripted:
     times: int | None = 1
 
 
+class _Server(ThreadingHTTPServer):
+    # Many agents at once (hundreds of concurrent steps): the default backlog of 5 makes the
+    # kernel drop connections, which then wait seconds to be retried.
+    request_queue_size = 1024
+
+
 class OpenAIStubServer:
     """An OpenAI-compatible chat-completions endpoint on 127.0.0.1 that answers ``reply``:
     a fixed text, or a function of the request body returning the assistant message (a
@@ -172,7 +178,7 @@ class OpenAIStubServer:
         self.calls: list[dict[str, Any]] = []
         self._scripts: list[Scripted] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self._server = _Server(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 

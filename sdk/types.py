@@ -168,7 +168,9 @@ class Step:
         ``max_completion_tokens`` (a cap on the answer for every tier, like ``max_tokens``),
         ``reasoning_effort``, ``extra_headers`` and ``extra_body`` (sent by the remote tier only,
         as litellm takes them; the headers are never recorded), and ``user`` (the end user:
-        it becomes ``meta.user``). Any other key is refused, named."""
+        it becomes ``meta.user``). Any other key is refused, named. ``meta``'s ids (tenant, user,
+        session, run, agent) must be strings or None and ``meta.extra`` an object with string
+        keys, since the ledger stores and the cache keys on them."""
         msgs = validate_messages(messages)
         tls = validate_tools(tools)
         names = {t["function"]["name"] for t in tls}
@@ -178,12 +180,13 @@ class Step:
         ):
             raise InvalidRequestError("response_format", "must be an object with a string 'type'")
         opts = dict(options or {})
-        unknown = sorted(set(opts) - _OPTION_KEYS)
+        unknown = sorted(set(opts) - _OPTION_KEYS, key=str)
         if unknown:
             raise InvalidRequestError(f"options.{unknown[0]}", f"unknown sampling option (known: {', '.join(sorted(_OPTION_KEYS))})")
         for key, value in opts.items():
             _validate_option(key, value)
         meta = meta or StepMeta()
+        _validate_meta(meta)
         if "user" in opts:  # OpenAI's ``user`` is who the agent acts for: the step's end user
             user = opts.pop("user")
             if user is not None and meta.user is not None and user != meta.user:
@@ -270,6 +273,19 @@ def _validate_option(key: str, value: Any) -> None:
             raise InvalidRequestError(where, f"must be JSON (it is sent as the request body): {e}") from None
 
 
+def _validate_meta(meta: StepMeta) -> None:
+    """Who is asking: ids the ledger stores as text and the cache keys on, so strings or None
+    (named as ``Milliwatt.step`` takes them)."""
+    if not isinstance(meta, StepMeta):
+        raise InvalidRequestError("meta", f"must be a StepMeta, got {type(meta).__name__}")
+    for name in ("session_id", "run_id", "tenant", "agent", "user"):
+        value = getattr(meta, name)
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequestError(name, f"must be a string or None, got {type(value).__name__}")
+    if not isinstance(meta.extra, dict) or not all(isinstance(k, str) for k in meta.extra):
+        raise InvalidRequestError("metadata", "must be an object with string keys")
+
+
 def content_text(content: Any) -> str:
     """The text of a message content: a string, or the text parts of a content-part list."""
     if content is None:
@@ -295,7 +311,7 @@ def validate_messages(messages: Any, *, answered: bool = True) -> list[Message]:
         if not isinstance(m, dict):
             raise InvalidRequestError(where, f"must be an object, got {type(m).__name__}")
         role = m.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise InvalidRequestError(f"{where}.role", f"must be one of {sorted(_ROLES)}, got {role!r}")
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
@@ -304,6 +320,8 @@ def validate_messages(messages: Any, *, answered: bool = True) -> list[Message]:
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                     raise InvalidRequestError(f"{where}.content[{j}]", "must be an object with a string 'type'")
+                if part["type"] == "text" and not isinstance(part.get("text"), str):
+                    raise InvalidRequestError(f"{where}.content[{j}].text", "a text part needs its text as a string")
         if role == "assistant":
             calls = m.get("tool_calls") or []
             if not isinstance(calls, list):
@@ -346,6 +364,8 @@ def _validate_tool_call(call: Any, where: str) -> None:
         json.loads(args or "{}")
     except json.JSONDecodeError as e:
         raise InvalidRequestError(f"{where}.function.arguments", f"is not valid JSON ({e.msg} at char {e.pos})") from None
+    except RecursionError:
+        raise InvalidRequestError(f"{where}.function.arguments", "is nested too deeply to read") from None
 
 
 def validate_tools(tools: Any) -> list[dict[str, Any]]:
@@ -384,7 +404,8 @@ def _validate_tool_choice(choice: Any, names: set[str]) -> None:
         if choice == "required" and not names:
             raise InvalidRequestError("tool_choice", "'required' needs at least one tool")
         return
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str):
         raise InvalidRequestError("tool_choice.function.name", "must name a function")
     if name not in names:

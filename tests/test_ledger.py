@@ -280,10 +280,8 @@ def test_import_milliwatt_does_not_load_sqlalchemy() -> None:
 # --------------------------------------------------------------------------- the report
 
 
-@pytest.fixture
-def run_db(tmp_path: Path) -> Path:
+def run_records() -> list[StepRecord]:
     """Four steps, one per tier, with round numbers to check the report by hand."""
-    db = tmp_path / "run.db"
     p_rules = attempt("rules", "passed", Energy.zero())
     p_cache = attempt("cache", "passed", Energy.zero())
     p_local = attempt("local", "passed", cpu(0.01, 0.02, 0.03))
@@ -301,14 +299,25 @@ def run_db(tmp_path: Path) -> Path:
                label="stand-in", model="smollm2-server", cost_usd=0.02, baseline_cost_usd=0.01,
                attempts=(p_rules, p_cache, p_local, attempt("remote", "answered", remote(0.09, 0.18, 0.37), label="stand-in"))),
     ]
+    return steps
+
+
+@pytest.fixture
+def run_db(tmp_path: Path) -> Path:
+    """``run_records`` in a SQLite ledger."""
+    db = tmp_path / "run.db"
     with Ledger(db) as ledger:
-        for r in steps:
+        for r in run_records():
             ledger.write_sync(r)
     return db
 
 
 def test_summarize_matches_hand_computed_values(run_db: Path) -> None:
-    s = summarize(run_db)
+    check_hand_computed(summarize(run_db))
+
+
+def check_hand_computed(s: dict) -> None:
+    """The report of ``run_records``, on any database (tests/test_ledger_pg.py: PostgreSQL)."""
     approx = pytest.approx
     assert s["steps"] == 4 and s["sessions"] == 2
     assert s["tiers"] == {"cache": 1, "local": 1, "remote": 1, "rules": 1}

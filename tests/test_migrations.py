@@ -25,6 +25,7 @@ from milliwatt.ledger import (
     head_revision,
     make_engine,
     open_existing,
+    to_url,
 )
 from milliwatt.reports.summary import summarize
 from milliwatt.types import Quality
@@ -94,9 +95,10 @@ def revision(path: Path) -> list[tuple]:
     return dump(path, f"SELECT version_num FROM {VERSION_TABLE}")
 
 
-def schema_diff(path: Path) -> list:
-    """What autogenerate would change to make the database match the models: nothing, if they agree."""
-    engine = make_engine(f"sqlite:///{path}")
+def schema_diff(path: Path | str) -> list:
+    """What autogenerate would change to make the database match the models: nothing, if they
+    agree (on PostgreSQL, column comments included). ``path`` is a SQLite file or any URL."""
+    engine = make_engine(to_url(path))
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE, "compare_type": True})

@@ -73,7 +73,9 @@ def display_name(url: str | URL) -> str:
 def make_engine(url: str) -> Engine:
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
-        return create_engine(url)
+        # pre_ping: a connection the server dropped (a restart, a failover) is replaced
+        # before use instead of failing the next write.
+        return create_engine(url, pool_pre_ping=True)
     if u.database in (None, "", ":memory:"):
         # One shared connection, or the writer thread would see a different empty database.
         engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
@@ -152,13 +154,27 @@ def error_text(e: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
+# SQLSTATEs of a server (PostgreSQL, ...) that is unreachable, restarting, or resolved a
+# conflict by aborting us: the same statement may well succeed a moment later.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "57P")  # connection exceptions; operator intervention (shutdown, restart)
+_TRANSIENT_SQLSTATES = ("40001", "40P01", "53300")  # serialization failure, deadlock, too many connections
+
+
 def is_transient(e: BaseException) -> bool:
-    """A busy or locked database (another connection holds the write lock): worth a retry."""
+    """A busy or locked SQLite database (another connection holds the write lock), or a
+    server that is unreachable or briefly refusing (PostgreSQL down or restarting, a
+    deadlock): worth a retry."""
     orig = e.orig if isinstance(e, DBAPIError) else e
-    if not isinstance(orig, sqlite3.OperationalError):
-        return False
-    message = str(orig).lower()
-    return "locked" in message or "busy" in message
+    if isinstance(orig, sqlite3.OperationalError):
+        message = str(orig).lower()
+        return "locked" in message or "busy" in message
+    if isinstance(e, DBAPIError) and e.connection_invalidated:
+        return True
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(state, str):
+        return state.startswith(_TRANSIENT_SQLSTATE_CLASSES) or state in _TRANSIENT_SQLSTATES
+    # A driver error with no SQLSTATE: psycopg's for a server it cannot reach at all.
+    return type(orig).__name__ == "OperationalError" and type(orig).__module__.startswith(("psycopg", "pg8000", "asyncpg"))
 
 
 def retrying(on_retry: Callable[[BaseException], None], *, budget_s: float = RETRY_BUDGET_S) -> Retrying:

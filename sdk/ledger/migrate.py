@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, inspect, select
+from sqlalchemy import Connection, Engine, inspect, select, text
 
 from .errors import LedgerError
 from .schema import META, SCHEMA_VERSION, VERSION_TABLE
@@ -24,6 +24,9 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # Ledgers made before the migrations existed carry schema_version 1 and no version table:
 # their schema is exactly this revision's, so they are stamped with it, then upgraded.
 UNVERSIONED_REVISION = "0001_initial"
+# PostgreSQL advisory lock key taken for the duration of an upgrade (the ASCII of "mWledger"),
+# so processes opening one database at once create or upgrade the ledger one after the other.
+_PG_UPGRADE_LOCK = 0x6D57_6C65_6467_6572
 
 
 # Alembic runs a migration through module-level proxies (alembic.op, alembic.context), so
@@ -86,6 +89,11 @@ def upgrade_to_head(engine: Engine, where: str, *, create: bool) -> None:
         if ledger_revision(conn, where) == head:
             return
     with _MIGRATING, engine.connect().execution_options(sqlite_begin_immediate=True) as conn, conn.begin():
+        if conn.dialect.name == "postgresql":
+            # SQLite's BEGIN IMMEDIATE above serialises upgraders; PostgreSQL's DDL does not
+            # (two creators would collide on the catalogs): a transaction-level advisory lock
+            # does. Released at commit or rollback.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_UPGRADE_LOCK})
         found = ledger_revision(conn, where)  # again, under the lock: another process may have upgraded it
         if found == head:
             return
