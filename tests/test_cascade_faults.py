@@ -4,6 +4,7 @@ failure reaches the caller, always as a ``MilliwattError``; secrets never reach 
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -144,3 +145,81 @@ class Accept:
 async def test_a_gated_tier_passing_on_a_backend_failure_redacts_its_reason():
     result = await ModelTier("local", LeakyBackend(), gate=Accept()).attempt(Step.create(USER))
     assert not result.answered and "bad key" in result.reason and KEY not in result.reason
+
+
+# --------------------------------------------------------------------------- a local model that does not load
+
+
+def _broken_local(tmp_path, monkeypatch=None, content=b"not a model at all\n"):
+    from milliwatt.adapters.llama_cpp import LlamaCppBackend
+
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(content)
+    backend = LlamaCppBackend(str(path), meter="cpu-time")
+    loads = []
+    if monkeypatch is not None:  # the load fails as llama.cpp's does, without llama.cpp
+        def load(self):
+            loads.append(self.model_path)
+            raise ValueError(f"Failed to load model from file: {self.model_path}")
+
+        monkeypatch.setattr(LlamaCppBackend, "_load", load)
+    return path, backend, loads
+
+
+@pytest.mark.asyncio
+async def test_a_local_model_that_fails_to_load_is_an_error_attempt_and_is_not_reloaded_every_step(tmp_path, monkeypatch, caplog):
+    """A GGUF that exists but does not load: the step is answered by the next tier, the local
+    attempt is ``error`` with the file and llama.cpp's reason, and later steps do not try the
+    load again until its retry interval (doubling) has passed or the file changed."""
+    from milliwatt.adapters import llama_cpp
+    from milliwatt.adapters.llama_cpp import LlamaCppBackend
+
+    path, backend, loads = _broken_local(tmp_path, monkeypatch)
+    clock = [1000.0]
+    monkeypatch.setattr(llama_cpp, "_clock", lambda: clock[0])
+    sink = Sink()
+    caplog.set_level(logging.WARNING, logger="milliwatt")
+    tiers = [ModelTier("local", backend, gate=Accept()), ScriptedTier("remote", reply("from remote"))]
+    async with Milliwatt(tiers, ledger=sink) as mw:
+        first = await mw.step(USER)
+        for _ in range(20):
+            await mw.step(USER)
+        assert len(loads) == 1  # twenty more steps, no second load
+        clock[0] += LlamaCppBackend.LOAD_RETRY_S + 1
+        await mw.step(USER)
+        assert len(loads) == 2  # tried again once the interval passed; now it waits twice as long
+        clock[0] += LlamaCppBackend.LOAD_RETRY_S + 1
+        await mw.step(USER)
+        assert len(loads) == 2
+        path.write_bytes(b"another file\n")  # replaced: tried at once
+        os.utime(path, ns=(1, 1))
+        await mw.step(USER)
+        assert len(loads) == 3
+    assert first.tier == "remote" and first.content == "from remote"
+    assert all(r.tier == "remote" for r in sink.records) and len(sink.records) == 24
+    local = [r.attempts[0] for r in sink.records]
+    assert all((a.tier, a.outcome) == ("local", "error") for a in local)
+    assert local[0].reason == (
+        f"ModelLoadError: cannot load the GGUF model {path}: ValueError: Failed to load model from file: {path}; "
+        f"not tried again for 30 s"
+    )
+    assert local[1].reason.startswith(f"ModelLoadError: cannot load the GGUF model {path}: ValueError") and "next try in" in local[1].reason
+    assert "not tried again for 60 s" in local[21].reason
+    assert "tier local failed, going on to the next tier" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+@pytest.mark.parametrize("content", [b"not a model at all\n", b"GGUF\x03\x00\x00\x00" + b"\x00" * 20], ids=["foreign", "truncated"])
+async def test_llama_cpp_refusing_a_file_is_an_error_attempt_then_the_next_tier(tmp_path, content):
+    """The same through llama.cpp itself: a foreign file and a GGUF cut after its header."""
+    path, backend, _ = _broken_local(tmp_path, content=content)
+    sink = Sink()
+    tiers = [ModelTier("local", backend, gate=Accept()), ScriptedTier("remote", reply("from remote"))]
+    async with Milliwatt(tiers, ledger=sink) as mw:
+        first, second = await mw.step(USER), await mw.step(USER)
+    assert first.content == second.content == "from remote"
+    a, b = (r.attempts[0] for r in sink.records)
+    assert (a.tier, a.outcome) == (b.tier, b.outcome) == ("local", "error")
+    assert a.reason.startswith(f"ModelLoadError: cannot load the GGUF model {path}: ") and "not tried again for 30 s" in a.reason
+    assert "next try in" in b.reason

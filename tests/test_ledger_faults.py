@@ -276,3 +276,90 @@ def test_a_shared_spool_is_imported_by_each_ledger_for_its_own_lines(tmp_path: P
     [left] = shared.read_text().splitlines()
     assert json.loads(left)["ledger"] == str(b) and json.loads(left)["step"]["id"] == records[b].step_id
     assert summarize(a)["ledger_faults"]["in_spool"] == 0  # the report of a ledger that is a file looks beside it
+
+
+def _full_after_open(monkeypatch: pytest.MonkeyPatch, db: Path) -> None:
+    """The ledger's file cannot grow past its size now, as on a full disk: every connection
+    the writer opens gets ``PRAGMA max_page_count`` = the pages it has (real SQLITE_FULL)."""
+    from sqlalchemy import event
+
+    from milliwatt.ledger import writer
+
+    made = writer.make_engine
+
+    def make_engine(url: str):
+        engine = made(url)
+
+        @event.listens_for(engine, "connect")
+        def _full(dbapi_conn, _record) -> None:
+            cur = dbapi_conn.cursor()
+            (pages,) = cur.execute("PRAGMA page_count").fetchone()
+            cur.execute(f"PRAGMA max_page_count = {max(pages, 1)}")
+            cur.close()
+
+        return engine
+
+    monkeypatch.setattr(writer, "make_engine", make_engine)
+
+
+@pytest.mark.asyncio
+async def test_a_full_disk_answers_every_step_spools_and_the_next_open_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's own SQLITE_FULL (``database or disk is full``), not a trigger: the ledger file
+    may not grow by a page. Steps are answered, their records spooled, the fault counted; once
+    there is room again the next open imports them, and the file passes integrity_check."""
+    from milliwatt import Milliwatt
+    from milliwatt.testing import ScriptedTier
+
+    db = tmp_path / "l.db"
+    Ledger(db).close()
+    _full_after_open(monkeypatch, db)
+    tier = ScriptedTier("remote", lambda step: {"role": "assistant", "content": "hi " + "x" * 2000})
+    ledger = Ledger(db)
+    async with Milliwatt([tier], ledger=ledger) as mw:
+        results = [await mw.step([{"role": "user", "content": f"q{i} " + "y" * 3000}]) for i in range(10)]
+        await mw.ledger.flush()
+    assert all(r.content.startswith("hi ") for r in results)
+    spooled = spooled_ids(tmp_path / "l.db.spool.jsonl")
+    assert spooled == [r.record.step_id for r in results]
+    assert ledger.faults["spooled"] == 10 and ledger.faults["dropped"] == 0
+    assert rows(db, "SELECT count(*) FROM steps") == [(0,)]
+
+    monkeypatch.undo()  # room again
+    with Ledger(db) as reopened:
+        assert reopened.faults["imported"] == 10
+    assert [i for (i,) in rows(db, "SELECT id FROM steps ORDER BY id")] == [r.record.step_id for r in results]
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    assert ("spooled", "OperationalError: database or disk is full") in rows(db, "SELECT DISTINCT kind, detail FROM ledger_faults")
+    assert not (tmp_path / "l.db.spool.jsonl").exists()
+
+
+@pytest.mark.asyncio
+async def test_a_lock_held_past_the_retry_budget_spools_and_the_next_open_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another connection keeps the write lock longer than the writer's retry budget (cut to
+    0.3 s here, 5 s in use): the steps are answered, the batch is spooled ``database is
+    locked``, and the next open, the lock gone, imports it."""
+    from functools import partial
+
+    from milliwatt import Milliwatt
+    from milliwatt.ledger import writer
+    from milliwatt.testing import ScriptedTier
+
+    monkeypatch.setattr(writer, "retrying", partial(writer.retrying, budget_s=0.3))
+    db = tmp_path / "l.db"
+    tier = ScriptedTier("remote", lambda step: {"role": "assistant", "content": "hi"})
+    ledger = Ledger(db)
+    with HeldLock(db, 2.0) as lock:
+        async with Milliwatt([tier], ledger=ledger) as mw:
+            results = [await mw.step([{"role": "user", "content": f"q{i}"}]) for i in range(3)]
+            await mw.ledger.flush()
+        assert not lock.released.is_set(), "the writer waited past its budget"
+    assert [r.content for r in results] == ["hi"] * 3
+    entries = spool_entries(tmp_path / "l.db.spool.jsonl")
+    assert sorted(e["step"]["id"] for e in entries if "step" in e) == sorted(r.record.step_id for r in results)
+    # Closing found the database still locked: the fault rows wait in the spool too.
+    assert {e["fault"]["kind"] for e in entries if "fault" in e} == {"spooled", "retried"}
+    assert ledger.faults["spooled"] == 3 and ledger.faults["retried"] >= 1
+    with Ledger(db) as reopened:
+        assert reopened.faults["imported"] == 3
+    assert {i for (i,) in rows(db, "SELECT id FROM steps")} == {r.record.step_id for r in results}
+    assert ("spooled", "OperationalError: database is locked") in rows(db, "SELECT DISTINCT kind, detail FROM ledger_faults")

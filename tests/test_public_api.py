@@ -8,7 +8,7 @@ import milliwatt
 EXPECTED = {
     "Milliwatt", "Step", "StepMeta", "StepResult", "StepRecord", "Attempt", "Energy", "TierResult",
     "Tier", "ModelBackend", "Completion", "register_tier",
-    "MilliwattError", "InvalidRequestError", "ConfigError", "RuleFileError", "BackendError",
+    "MilliwattError", "InvalidRequestError", "ConfigError", "RuleFileError", "BackendError", "ModelLoadError",
     "RemoteError", "RemoteTimeout", "RemoteRateLimited", "RemoteUnavailable", "RemoteStreamError", "RemoteBadRequest",
     "RemoteAuthError", "NoTierAnswered", "__version__",
 }

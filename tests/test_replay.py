@@ -294,3 +294,83 @@ def test_replay_smoke_on_shared_bfcl(tmp_path):
     remote = summary["by_tier"].get("remote")
     assert remote is None or (remote["serves_recorded_answer"] and remote["measure"] == "exact")
     assert summary["cheap_tiers"]["steps"] + (remote or {"steps": 0})["steps"] == 3
+
+
+# --------------------------------------------------------------------------- a replay killed part-way
+
+
+def _long_trace(tmp_path: Path, copies: int) -> Path:
+    from dataclasses import replace
+
+    from milliwatt.evaluation.replay import write_trace
+
+    steps = load_trace(SUPPORT).steps
+    path = tmp_path / "long.jsonl"
+    write_trace([replace(s, id=f"k{i}-{s.id}", session=f"k{i}-{s.session}") for i in range(copies) for s in steps], path)
+    return path
+
+
+def test_a_replay_killed_part_way_leaves_a_sound_ledger_and_resume_finishes_it(tmp_path):
+    """SIGKILL in the middle of `milliwatt replay` (rules + the remote tier serving the recorded
+    answers): the ledger passes integrity_check and opens; ``unrecorded_steps`` names exactly
+    the trace steps it has no row for; `--resume` replays those only, under the same run id,
+    and the ledger ends with one row per trace step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from milliwatt.evaluation.replay import recorded_steps, unrecorded_steps
+    from milliwatt.examples import SUPPORT_RULES
+    from milliwatt.ledger import Ledger
+
+    trace_path = _long_trace(tmp_path, 30)  # 300 steps
+    trace = load_trace(trace_path)
+    config = tmp_path / "milliwatt.yaml"
+    config.write_text(json.dumps({"tiers": ["rules", "remote"], "rules": {"packs": [str(SUPPORT_RULES)]}}))
+    db = tmp_path / "r.db"
+    args = ["replay", str(trace_path), "--config", str(config), "--ledger", str(db), "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from milliwatt.cli import main; sys.exit(main(sys.argv[1:]))", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        stored = 0
+        while stored < 30:
+            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            assert time.monotonic() < deadline, "the replay wrote nothing in 60 s"
+            time.sleep(0.05)
+            if db.is_file():
+                try:
+                    with sqlite3.connect(db, timeout=0.1) as conn:
+                        (stored,) = conn.execute("select count(*) from steps").fetchone()
+                except sqlite3.OperationalError:  # not created yet, or busy
+                    pass
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("pragma integrity_check").fetchall() == [("ok",)]
+    with Ledger(db) as ledger:  # opens (and would import a spool)
+        assert ledger.faults["dropped"] == 0
+    recorded = recorded_steps(db)
+    missing = unrecorded_steps(trace, db)
+    assert 30 <= len(recorded) < len(trace.steps), "killed part-way"
+    assert [s.id for s in missing] == [s.id for s in trace.steps if s.id not in recorded]
+    assert {s.id for s in missing} | set(recorded) == {s.id for s in trace.steps}
+    # In trace order: what was recorded is a prefix of the trace.
+    assert list(recorded) == [s.id for s in trace.steps[: len(recorded)]]
+    (run_id,) = set(recorded.values())
+
+    out = tmp_path / "resumed.json"
+    assert main([*args, "--resume", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["replay"]["resumed"] == {"already_recorded": len(recorded), "replayed": len(missing)}
+    assert summary["steps"] == len(trace.steps) and summary["replay"]["run_id"] == run_id
+    rows = sqlite3.connect(db).execute("select json_extract(meta_json, '$.replay_id'), run_id from steps order by id").fetchall()
+    assert [r[0] for r in rows] == [s.id for s in trace.steps]  # each once, in trace order
+    assert {r[1] for r in rows} == {run_id}
+    assert unrecorded_steps(trace, db) == []

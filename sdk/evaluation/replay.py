@@ -117,8 +117,13 @@ async def replay(
     limit: int | None = None,
     warm_from: str | Path | None = None,
     progress: TextIO | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Replay ``trace`` (its first ``limit`` steps) into a fresh SQLite ledger; return the summary."""
+    """Replay ``trace`` (its first ``limit`` steps) into a fresh SQLite ledger; return the summary.
+
+    ``resume``: keep the ledger a replay left (killed part-way) and replay only the steps it
+    does not hold (``unrecorded_steps``), under the same run id, the cache warmed with the
+    answers already recorded; the summary is then the whole ledger's."""
     from tqdm import tqdm
 
     from milliwatt.evaluation.replay_provider import PROVIDER, serving
@@ -144,19 +149,27 @@ async def replay(
     data["remote"] = {**kept, "model": f"{PROVIDER}/{model}", "label": label, "energy_model": frontier}
     data["cache"] = {**data["cache"], "path": None}  # in memory: a fresh cache every run
     ledger_path = Path(ledger)
-    delete_ledger_file(ledger_path)  # one replay, one ledger: the summary is this run's
+    run_id = f"replay-{trace.format}-{new_step_id()}"
+    todo, done = steps, 0
+    if resume and ledger_path.is_file():
+        recorded = recorded_steps(ledger_path)  # imports the spool first
+        todo = [s for s in steps if s.id not in recorded]
+        done = len(steps) - len(todo)
+        run_id = next(iter(recorded.values()), None) or run_id
+        warm = warm + _answered_steps(ledger_path)
+    else:
+        delete_ledger_file(ledger_path)  # one replay, one ledger: the summary is this run's
     data["ledger"] = f"sqlite:///{ledger_path}"
 
-    run_id = f"replay-{trace.format}-{new_step_id()}"
     tiers: Counter[str] = Counter()
     t0 = time.perf_counter()
     with serving({s.id: s.answer for s in steps}):
         async with Milliwatt.from_config(data, wrap_ledger=lambda ledger: QualitySink(ledger, steps)) as mw:
-            if warm:
+            if warm and (warm_from or "cache" in [t.name for t in mw.tiers]):
                 await _warm_cache(mw, warm)
-            bar = tqdm(total=len(steps), unit="step", desc=f"replay {trace.format}", file=progress, disable=progress is None)
+            bar = tqdm(total=len(todo), unit="step", desc=f"replay {trace.format}", file=progress, disable=progress is None)
             with bar:
-                for s in steps:
+                for s in todo:
                     result = await mw.step(
                         s.messages, tools=s.tools or None, tool_choice=s.tool_choice,
                         session_id=s.session, run_id=run_id, agent=s.agent or f"replay-{trace.format}", tenant=s.tenant,
@@ -174,6 +187,7 @@ async def replay(
         "file": trace.path, "format": trace.format, "steps": len(steps), "run_id": run_id,
         "recorded_model": model, "label": label, "energy_model": frontier,
         "warm_from": str(warm_from) if warm_from else None, "seed": SEED,
+        "resumed": {"already_recorded": done, "replayed": len(todo)} if resume else None,
     }  # fmt: skip
     return summary
 
@@ -197,6 +211,34 @@ def _add_baseline_quality(summary: dict[str, Any], steps: list[TraceStep]) -> No
     recorded = [s.reference["recorded_correct"] for _, s in verdicts if "recorded_correct" in s.reference]
     # The data set's own grading of the recorded answers (GSM8K: RouteLLM's), for comparison.
     q["baseline_recorded"] = sum(recorded) / len(recorded) if recorded else None
+
+
+def recorded_steps(ledger: str | Path) -> dict[str, str | None]:
+    """The trace step ids a replay's ledger holds a row for, each with its run id, in order.
+    Opens the ledger first (``Ledger``), so what a killed run left in the spool is imported."""
+    from sqlalchemy import func, select
+
+    from milliwatt.ledger import STEPS, Ledger, open_existing
+
+    Ledger(ledger).close()
+    engine, _ = open_existing(ledger)
+    s = STEPS.c
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(select(func.json_extract(s.meta_json, f"$.{REPLAY_ID}"), s.run_id).order_by(s.id)).all()
+    finally:
+        engine.dispose()
+    return {rid: run for rid, run in rows if rid is not None}
+
+
+def unrecorded_steps(trace: Trace, ledger: str | Path, *, limit: int | None = None) -> list[TraceStep]:
+    """The steps of ``trace`` (its first ``limit``) that have no row in ``ledger``: after a
+    replay was killed, exactly the steps it did not record (``--resume`` replays these)."""
+    steps = trace.steps[:limit] if limit is not None else trace.steps
+    if not Path(ledger).is_file():
+        return list(steps)
+    recorded = recorded_steps(ledger)
+    return [s for s in steps if s.id not in recorded]
 
 
 def _answered_steps(ledger: str | Path) -> list[dict[str, Any]]:
@@ -254,6 +296,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warm-from", help="a ledger whose answered steps are written into the cache first")
     p.add_argument("--save-trace", help="also write the imported steps as a milliwatt trace (JSONL)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="keep --ledger (a replay killed part-way) and replay only the steps it does not hold",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -269,10 +315,13 @@ def run(args: argparse.Namespace) -> int:
     ledger = args.ledger or f"replay-{trace.format}.db"
     progress = None if args.quiet or not sys.stderr.isatty() else sys.stderr
     summary = asyncio.run(
-        replay(trace, ledger=ledger, config=args.config, limit=args.limit, warm_from=args.warm_from, progress=progress)
+        replay(trace, ledger=ledger, config=args.config, limit=args.limit, warm_from=args.warm_from, progress=progress,
+               resume=args.resume)  # fmt: skip
     )
     print(format_summary(summary))
     print(f"replay: {summary['replay']['steps']} steps of {trace.path} ({trace.format}) in {summary['wall_s']:.1f} s")
+    if (resumed := summary["replay"]["resumed"]) is not None:
+        print(f"resumed: {resumed['already_recorded']} step(s) were already in {ledger}, {resumed['replayed']} replayed")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
