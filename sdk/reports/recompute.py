@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
+from milliwatt.accounting import Accountant
 from milliwatt.coefficients import Coefficients
 from milliwatt.energy import CpuCoefficients, RemoteEnergyModel, cpu_energy, measured_energy
 from milliwatt.ledger.engine import make_engine, open_existing, to_url
@@ -35,9 +36,7 @@ from milliwatt.ledger.migrate import upgrade_to_head
 from milliwatt.ledger.rows import _energy_cols
 from milliwatt.ledger.schema import ATTEMPTS, FAULTS, META, OVERHEADS, STEPS
 from milliwatt.pricing import cost_usd
-from milliwatt.tokens import PER_MESSAGE, TokenCounter, encoding_for_model
-from milliwatt.trimming.prefix import PrefixTracker
-from milliwatt.types import Energy, Step, StepMeta
+from milliwatt.types import Energy, Message, Step, StepMeta
 
 _CPU_BASIS = re.compile(r"cpu-time x [\d.]+/([\d.]+)/[\d.]+ W per vCPU(?: x facility ([\d.]+))?")
 _ESTIMATE_BASIS = re.compile(r"^(?:ecologits|table) ([^ ]+/[^ ]+) output")
@@ -88,8 +87,9 @@ def _recompute(engine: Engine, c: Coefficients, path: Path) -> Recomputed:
     cpu = CpuCoefficients.of(c)
     weight = c.prompt_cache.price_weight.value
     a, s, o = ATTEMPTS.c, STEPS.c, OVERHEADS.c
-    counters: dict[str, TokenCounter] = {}
-    prefixes: dict[str, PrefixTracker] = {}
+    # The live books' own counterfactual (milliwatt.accounting), one per frontier model: its
+    # tokenizer, and each session's prefix followed in step order.
+    accountants: dict[str, Accountant] = {}
     with engine.begin() as conn:
         step_energy: dict[str, Energy] = {}
         step_cost: dict[str, float] = {}
@@ -107,19 +107,16 @@ def _recompute(engine: Engine, c: Coefficients, path: Path) -> Recomputed:
             out.attempts += 1
         for row in conn.execute(select(STEPS).order_by(s.started_at, s.id)).mappings().all():
             model = row["baseline_model"]
-            if model not in counters:
-                encoding, _ = encoding_for_model(model)
-                counters[model], prefixes[model] = TokenCounter(encoding), PrefixTracker()
-            tokens_in, tokens_out, cached = _baseline_tokens(row, counters[model], prefixes[model], c)
-            baseline = remote.estimate(model, tokens_in, tokens_out, cached_tokens=cached)
+            if model not in accountants:
+                accountants[model] = Accountant(model, energy_model=remote)
+            base = accountants[model].baseline(*_stored_step(row))
             energy = step_energy.get(row["id"], Energy.zero())
             conn.execute(
                 update(STEPS).where(s.id == row["id"]).values(
                     **_energy_cols(energy), cost_usd=step_cost.get(row["id"], 0.0),
-                    **_energy_cols(baseline, "baseline_energy"),
-                    baseline_cost_usd=cost_usd(model, tokens_in, tokens_out, cached, weight),
-                    baseline_input_tokens=tokens_in, baseline_output_tokens=tokens_out, baseline_cached_tokens=cached,
-                    coefficients=c.version,
+                    **_energy_cols(base.energy, "baseline_energy"), baseline_cost_usd=base.cost_usd,
+                    baseline_input_tokens=base.input_tokens, baseline_output_tokens=base.output_tokens,
+                    baseline_cached_tokens=base.cached_tokens, coefficients=c.version,
                 )
             )  # fmt: skip
             out.steps += 1
@@ -181,19 +178,12 @@ def _cpu_seconds_from_basis(basis: str | None, point_wh: float) -> float | None:
     return point_wh * 3600.0 / watts if watts > 0 else None
 
 
-def _baseline_tokens(row: Any, counter: TokenCounter, prefix: PrefixTracker, c: Coefficients) -> tuple[int, int, int]:
-    """The baseline's input, output and cached tokens: as stored, or (an old row) the step's
-    counts and the cached prefix found by following the session's requests in order."""
+def _stored_step(row: Any) -> tuple[Step, Message]:
+    """The step as the agent sent it (``request_json``) and the answer it was given."""
     request = json.loads(row["request_json"] or "{}")
-    step = Step(messages=request.get("messages") or [], tools=request.get("tools") or [], meta=StepMeta(session_id=row["session_id"]))
-    shared = prefix.observe(step, counter)  # every step, so the session's previous request is known
-    tokens_in = row["baseline_input_tokens"] if row["baseline_input_tokens"] is not None else row["input_tokens_raw"]
-    tokens_out = row["baseline_output_tokens"]
-    if tokens_out is None:  # as the accountant counts it: the answer given, with the baseline's tokenizer
-        response = json.loads(row["response_json"] or "{}")
-        tokens_out = counter.message(response) - PER_MESSAGE if response else 0
-    # The prefix is the observation; what a cache serves of it is the coefficient set's rule.
-    return tokens_in, tokens_out, min(c.prompt_cache.cached(shared), tokens_in)
+    meta = StepMeta(session_id=row["session_id"])
+    step = Step(messages=request.get("messages") or [], tools=request.get("tools") or [], meta=meta)
+    return step, json.loads(row["response_json"] or "{}")
 
 
 def run_report(args: Any) -> int:
