@@ -22,6 +22,9 @@ question appended, so the cache partition is new at every step and the context g
 
 Run: ``.venv/bin/python benchmarks/loop_lag.py`` (``--agents``, ``--steps``, ``--remote``,
 ``--gc-freeze``, ``--json OUT``).
+
+benchmarks/load.py reuses the pieces (``build``, ``start_stub``, ``run_agents`` with its own
+``script``, ``LagMonitor``) for its long multi-process run on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Generator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -146,11 +150,14 @@ def machine() -> dict[str, Any]:
     return {"nproc": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version()}
 
 
-def start_stub() -> tuple[subprocess.Popen[str], str]:
-    """The stand-in remote in its own process (it must not share this interpreter's lock)."""
+def start_stub(*, keep_calls: bool = True) -> tuple[subprocess.Popen[str], str]:
+    """The stand-in remote in its own process (it must not share this interpreter's lock).
+    ``keep_calls=False``: the server keeps only its last 16 requests (a long run would
+    otherwise hold every request body in memory)."""
+    forget = "" if keep_calls else "import collections\ns.calls = collections.deque(maxlen=16)\n"
     code = (
         "from milliwatt.testing import OpenAIStubServer as S\n"
-        f"s = S({REPLY!r})\nprint(s.port, flush=True)\ns.serve_forever()\n"
+        f"s = S({REPLY!r})\n{forget}print(s.port, flush=True)\ns.serve_forever()\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -177,7 +184,19 @@ class _InlineRemote:
         pass
 
 
-def build(api_base: str, rules_path: str, ledger_url: str | None, remote_kind: str = "http") -> Any:
+def build(
+    api_base: str,
+    rules_path: str,
+    ledger_url: str | None,
+    remote_kind: str = "http",
+    *,
+    cache_path: str | None = None,
+    cache_options: dict[str, Any] | None = None,
+    spool: str | None = None,
+) -> Any:
+    """The benchmark's ``Milliwatt``: rules -> cache (in memory unless ``cache_path``; more
+    ``CacheTier`` keywords in ``cache_options``) -> the remote; the ledger at ``ledger_url``
+    (``spool``: its spool file) or none."""
     from milliwatt import Milliwatt
     from milliwatt.adapters.litellm_backend import LiteLLMBackend
     from milliwatt.cache import CacheTier
@@ -204,57 +223,112 @@ def build(api_base: str, rules_path: str, ledger_url: str | None, remote_kind: s
     if ledger_url:
         from milliwatt.ledger import Ledger
 
-        ledger = Ledger(ledger_url)
-    tiers = [RulesTier([rules_path]), CacheTier(path=None), remote]
+        ledger = Ledger(ledger_url, spool=spool)
+    tiers = [RulesTier([rules_path]), CacheTier(path=cache_path, **(cache_options or {})), remote]
     # The remote tier's default trimming, as Milliwatt.from_config builds it (docs/trimming.md).
     trimmers = {"remote": build_trimmer(DEFAULT_REMOTE, TrimSettings())}
     return Milliwatt(tiers, frontier_model="openai/gpt-4o", ledger=ledger, trimmers=trimmers)
 
 
-async def run_agents(mw: Any, agents: int, steps: int) -> dict[str, Any]:
-    lags: list[float] = []
+class LagMonitor:
+    """Sleeps ``period`` seconds at a time and records how late it wakes: the event-loop lag.
+    ``start()`` on the loop to watch, ``await stop()``; ``lags`` in seconds, ``summary()`` in ms."""
+
+    def __init__(self, period: float = 0.005) -> None:
+        self.period = period
+        self.lags: list[float] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(self.period)
+            self.lags.append(max(0.0, time.perf_counter() - t - self.period))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    def summary(self) -> dict[str, float]:
+        lags = self.lags or [0.0]
+        return {"p50": round(_pct(lags, 0.5) * 1e3, 2), "p99": round(_pct(lags, 0.99) * 1e3, 2), "max": round(max(lags) * 1e3, 2), "samples": len(self.lags)}
+
+
+# A script drives one agent: ``script(a, steps)`` is a generator that yields
+# ``(messages, session_id)`` for each step and is sent the answered message back.
+Script = Callable[[int, int], Generator[tuple[list[dict[str, Any]], str], Any, None]]
+
+
+def ticket_script(a: int, steps: int) -> Generator[tuple[list[dict[str, Any]], str], Any, None]:
+    """This benchmark's workload: even agents open a new ticket per step (the prelude plus one
+    question), odd agents grow one conversation for all their steps."""
+    history = list(PRELUDE)
+    for s in range(steps):
+        question = QUESTIONS[(a * 5 + s * 7) % len(QUESTIONS)]
+        if a % 2 == 0:
+            messages = [*PRELUDE, {"role": "user", "content": question}]
+        else:
+            history.append({"role": "user", "content": f"{question} (about my order {48213 + a})"})
+            messages = history
+        message = yield messages, f"agent-{a}"
+        if a % 2 == 1:
+            history.append(message)
+
+
+async def run_agents(
+    mw: Any,
+    agents: int,
+    steps: int,
+    *,
+    script: Script = ticket_script,
+    tools: list[dict[str, Any]] = TOOLS,
+    keep_latencies: bool = False,
+    first: int = 0,
+) -> dict[str, Any]:
+    """``agents`` concurrent agents (numbered from ``first``), each stepping ``steps`` times
+    through ``mw`` as ``script`` says, while a ``LagMonitor`` watches the loop.
+    ``keep_latencies``: the result also holds every step's latency (``latencies_s``)."""
     latencies: list[float] = []
     tiers: dict[str, int] = {}
-    stop = asyncio.Event()
-
-    async def monitor() -> None:
-        while not stop.is_set():
-            t = time.perf_counter()
-            await asyncio.sleep(0.005)
-            lags.append(max(0.0, time.perf_counter() - t - 0.005))
 
     async def agent(a: int) -> None:
-        history = list(PRELUDE)
-        for s in range(steps):
-            question = QUESTIONS[(a * 5 + s * 7) % len(QUESTIONS)]
-            if a % 2 == 0:
-                messages = [*PRELUDE, {"role": "user", "content": question}]
-            else:
-                history.append({"role": "user", "content": f"{question} (about my order {48213 + a})"})
-                messages = history
-            t = time.perf_counter()
-            result = await mw.step(messages, tools=TOOLS, session_id=f"agent-{a}", agent="support", tenant="acme")
-            latencies.append(time.perf_counter() - t)
-            tiers[result.tier] = tiers.get(result.tier, 0) + 1
-            if a % 2 == 1:
-                history.append(result.message)
+        turns = script(a, steps)
+        try:
+            messages, session = next(turns)
+            while True:
+                t = time.perf_counter()
+                result = await mw.step(messages, tools=tools, session_id=session, agent="support", tenant="acme")
+                latencies.append(time.perf_counter() - t)
+                tiers[result.tier] = tiers.get(result.tier, 0) + 1
+                messages, session = turns.send(result.message)
+        except StopIteration:
+            pass
 
-    watcher = asyncio.create_task(monitor())
-    t0 = time.perf_counter()
-    await asyncio.gather(*(agent(a) for a in range(agents)))
+    monitor = LagMonitor()
+    monitor.start()
+    t0, started = time.perf_counter(), time.time()
+    await asyncio.gather(*(agent(a) for a in range(first, first + agents)))
     wall = time.perf_counter() - t0
-    stop.set()
-    await watcher
-    n = agents * steps
-    return {
+    ended = time.time()
+    await monitor.stop()
+    n = len(latencies)  # steps answered (agents * steps unless a script stops early)
+    out = {
         "agents": agents,
         "steps": n,
         "wall_s": round(wall, 2),
         "steps_per_s": round(n / wall, 1),
-        "loop_lag_ms": {"p50": round(_pct(lags, 0.5) * 1e3, 2), "p99": round(_pct(lags, 0.99) * 1e3, 2), "max": round(max(lags) * 1e3, 2), "samples": len(lags)},
+        "loop_lag_ms": monitor.summary(),
         "step_latency_ms": {"p50": round(_pct(latencies, 0.5) * 1e3, 1), "p99": round(_pct(latencies, 0.99) * 1e3, 1)},
         "tiers": dict(sorted(tiers.items())),
     }
+    if keep_latencies:
+        out.update(latencies_s=latencies, lags_s=monitor.lags, started=started, ended=ended)
+    return out
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:

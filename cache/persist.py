@@ -99,7 +99,7 @@ def _save(store: Store, folder: Path, model: str) -> None:
         "model": model,
         "dim": vecs.shape[1],
         "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
-        "entries": [_entry_to_json(e) for e in entries],
+        "entries": [entry_to_json(e) for e in entries],
     }
     write_atomic(folder / INDEX_FILE, index_bytes)
     write_atomic(folder / ENTRIES_FILE, json.dumps(doc, ensure_ascii=False).encode("utf-8"))
@@ -160,7 +160,7 @@ def load(store: Store, folder: str | os.PathLike[str], model: str) -> int:
     entries = doc.get("entries")
     if not isinstance(entries, list):
         raise CacheFileError(str(entries_path), "'entries' must be a list")
-    parsed = [_entry_from_json(raw, f"{entries_path}: entries[{i}]") for i, raw in enumerate(entries)]
+    parsed = [entry_from_json(raw, f"{entries_path}: entries[{i}]") for i, raw in enumerate(entries)]
     ids = faiss.vector_to_array(index.id_map).astype(np.int64) if index.ntotal else np.zeros(0, dtype=np.int64)
     if set(ids.tolist()) != {e.id for e in parsed} or len(ids) != len(parsed) or len({e.id for e in parsed}) != len(parsed):
         raise CacheFileError(str(index_path), f"holds {len(ids)} vectors whose ids differ from the {len(parsed)} entries")
@@ -325,7 +325,7 @@ class Autosaver:
         return self.changed and now - self._last_attempt >= self.every_s
 
 
-def _entry_to_json(e: Entry) -> dict[str, Any]:
+def entry_to_json(e: Entry) -> dict[str, Any]:
     return {
         "id": e.id,
         "scope": e.scope,
@@ -346,7 +346,7 @@ def _entry_to_json(e: Entry) -> dict[str, Any]:
     }
 
 
-def _entry_from_json(raw: Any, where: str) -> Entry:
+def entry_from_json(raw: Any, where: str) -> Entry:
     if not isinstance(raw, dict):
         raise CacheFileError(where, "must be an object")
     try:

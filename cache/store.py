@@ -392,6 +392,13 @@ class Store:
             self.remove(gone)
             return len(gone)
 
+    def touch(self, entry: Entry) -> None:
+        """The tier changed an entry's counters (a hit, a verdict). Nothing to do here: they
+        live on the entry; a shared store (shared.py) pushes them to the other workers."""
+
+    def close(self) -> None:
+        """Nothing to release here (a shared store stops syncing and pushes what it holds)."""
+
     # ------------------------------------------------------------------ reads
 
     def has_scope(self, scope: str) -> bool:

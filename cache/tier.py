@@ -90,6 +90,7 @@ class CacheTier(Tier):
         observe: bool = False,
         shadow_share: float = DEFAULT_SHADOW_SHARE,
         autosave_s: float = 30.0,
+        sync_s: float = 1.0,
         ttl_s: float | None = DEFAULT_TTL_S,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         token_budget: int | None = None,
@@ -125,7 +126,14 @@ class CacheTier(Tier):
         # Candidates of steps the cache did not answer, until the answer a later tier gave
         # comes back through remember(): the feedback each entry learns from (_learn).
         self._pending: OrderedDict[int, tuple[Step, list[Candidate]]] = OrderedDict()
-        if path is not None:
+        if path is not None and "://" in path:
+            # Shared by every worker on the database (shared.py): it is saved as it is written.
+            # Imported here: SQLAlchemy is not loaded for a cache that does not need it.
+            from .shared import SharedStore
+
+            self.store = SharedStore(path, self.embedder.name, sync_s=sync_s)
+            self.store.purge_expired(clock())
+        elif path is not None:
             # One open cache per folder: a second process (or tier) is refused, never allowed
             # to overwrite this one's saves.
             self._folder_lock = persist.lock_folder(path)
@@ -175,6 +183,7 @@ class CacheTier(Tier):
         served = next((c for c in ranked if c.serve), None)
         if served is not None and not self.observe:
             served.entry.hits += 1
+            self.store.touch(served.entry)
             shadow = self._draw() < self.shadow_share
             if shadow:  # the next tier's answer comes back through remember(): _learn judges this one
                 self._remember_candidates(step, [served])
@@ -319,6 +328,7 @@ class CacheTier(Tier):
             if c.serve:  # served (a shadow check) or would have been: its record as a hit
                 c.entry.checks += 1
                 c.entry.failed_checks += not agrees
+            self.store.touch(c.entry)
 
     # ------------------------------------------------------------------ write-back
 
@@ -374,16 +384,22 @@ class CacheTier(Tier):
     # ------------------------------------------------------------------ persistence
 
     def save(self) -> None:
-        """Write the cache to ``path`` (blocking; a no-op for an in-memory cache)."""
+        """Write the cache to ``path`` (blocking; a no-op for an in-memory cache). A shared
+        cache has its entries in the database already: its counters and removals are pushed."""
         if self.path is None:
             return
         self.store.purge_expired(self._clock())
-        persist.save(self.store, self.path, self.embedder.name)
+        if self._folder_lock is None:  # shared: in the database already
+            self.store.sync()
+        else:
+            persist.save(self.store, self.path, self.embedder.name)
 
     async def aclose(self) -> None:
         try:
-            await asyncio.to_thread(self.save)
+            if self._folder_lock is not None:
+                await asyncio.to_thread(self.save)
         finally:
+            await asyncio.to_thread(self.store.close)  # shared: stops syncing, pushes the last counts
             if self._folder_lock is not None:
                 self._folder_lock.release()
             if self._owns_embedder:

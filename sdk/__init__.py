@@ -28,7 +28,7 @@ from .registry import register_tier  # noqa: E402
 from .tier import Completion, ModelBackend, Tier  # noqa: E402
 from .types import Attempt, Energy, Step, StepMeta, StepRecord, StepResult, TierResult  # noqa: E402
 
-__version__ = "0.9.0"
+__version__ = "0.10.0"
 
 __all__ = [
     "Milliwatt",

@@ -143,7 +143,9 @@ class RulesSettings(_Section):
 
 class CacheSettings(_Section):
     tier: Literal["cache"] = "cache"
-    path: str | None = DEFAULT_CACHE_PATH  # null: in memory only
+    # A folder (this process's cache, saved there), an SQLAlchemy URL (postgresql+psycopg://...:
+    # entries shared by every worker, docs/cache.md "Shared by many workers"), or null: in memory only.
+    path: str | None = DEFAULT_CACHE_PATH
     # The hit gate (docs/cache.md, "The gate: a bounded share of wrong hits"): a gate file written by
     # ``milliwatt cache calibrate``; null: the gate shipped with milliwatt (text evidence,
     # fitted on Quora pairs; it serves no templated answer).
@@ -155,6 +157,7 @@ class CacheSettings(_Section):
     # Share of hits also answered by the next tier off the critical path, to check them.
     shadow_share: float = Field(0.05, ge=0, le=1)
     autosave_s: float = Field(30.0, ge=0)  # with a path: save while open, at most this often
+    sync_s: float = Field(1.0, gt=0)  # with a URL: how often each worker applies the others' writes
     ttl_s: float | None = Field(24 * 3600.0, gt=0)
     max_entries: int = Field(50_000, ge=1)
     token_budget: int | None = Field(None, ge=1)

@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,6 +101,15 @@ class Cluster:
         """Stop the server (fast shutdown: connections are cut), keeping its data: ``start`` again."""
         self._run([self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop"])
 
+    def restart(self, down_s: float = 0.0) -> None:
+        """``halt`` (fast: every connection is cut), stay down ``down_s`` seconds, ``start``."""
+        self.halt()
+        time.sleep(down_s)
+        self.start()
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
     def _run(self, cmd: list[str]) -> None:
         done = subprocess.run(self.prefix + cmd, capture_output=True, text=True, cwd=self.dir)
         if done.returncode != 0:
@@ -171,3 +181,17 @@ def pg_url(pg_cluster: str) -> Iterator[str]:
         admin(pg_cluster, f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
     except Exception:  # noqa: BLE001 - the cluster is thrown away anyway
         pass
+
+
+@pytest.fixture(scope="module")
+def private_pg_cluster() -> Iterator[Cluster]:
+    """A throwaway cluster of the test module's own, which its tests may halt and restart
+    (the session's ``pg_cluster`` is shared, and may be an existing server)."""
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    cluster = Cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

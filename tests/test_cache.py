@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ from milliwatt.types import Step, StepMeta
 
 from milliwatt.cache import CacheFileError, CacheTier, Embedder, literal_tokens, scope_key
 from milliwatt.cache.evidence import load_gate
+
+import conftest_pg
+
+pg_cluster = conftest_pg.pg_cluster  # the throwaway PostgreSQL (tests/conftest_pg.py)
+pg_url = conftest_pg.pg_url
 
 pytestmark = pytest.mark.slow
 
@@ -60,11 +66,15 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def tier(embedder: Embedder, clock: Clock) -> CacheTier:
+@pytest.fixture(params=["memory", "postgresql"])
+def tier(request: pytest.FixtureRequest, embedder: Embedder, clock: Clock) -> Iterator[CacheTier]:
+    """The tier in memory, and shared on PostgreSQL (cache/shared.py): the same behaviour."""
     # The shipped gate re-certified at a 10% bound: at the default 2% it serves no
     # paraphrase (docs/cache.md), and these tests are about what a served hit looks like.
-    return CacheTier(embedder=embedder, clock=clock, **EXACT)
+    path = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    tier = CacheTier(embedder=embedder, clock=clock, path=path, **EXACT)
+    yield tier
+    tier.store.close()  # a shared store stops syncing (the embedder is the session's)
 
 
 def test_import_is_light() -> None:

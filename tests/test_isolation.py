@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import conftest_pg
 from milliwatt import Milliwatt, MilliwattError
 from milliwatt.adapters import LiteLLMBackend
 from milliwatt.cache import CacheTier, Embedder
@@ -38,6 +39,8 @@ from milliwatt.testing import OpenAIStubServer, Scripted, ScriptedTier, cosine_g
 from milliwatt.types import Step
 
 aio = pytest.mark.asyncio(loop_scope="session")
+pg_cluster = conftest_pg.pg_cluster  # the throwaway PostgreSQL (tests/conftest_pg.py)
+pg_url = conftest_pg.pg_url
 pytestmark = pytest.mark.filterwarnings("ignore:Accessing the 'model_:DeprecationWarning")
 
 TENANTS = [f"tenant-{i:02d}" for i in range(64)]
@@ -85,11 +88,11 @@ async def ask_everyone(mw: Milliwatt, who: list[tuple[str, str]], questions: tup
     return await asyncio.gather(*(one(t, u, q) for t, u in who for q in questions))
 
 
-async def isolation(embedder: Embedder, db: Path, questions: tuple[str, ...]) -> None:
+async def isolation(embedder: Embedder, db: Path, questions: tuple[str, ...], cache_path: str | None = None) -> None:
     everyone = [(t, u) for t in TENANTS for u in USERS]
     async with OpenAIStubServer(provider) as stub:
         # A permissive gate: it would serve any candidate it is shown, so only the scope decides.
-        cache = CacheTier(embedder=embedder, gate=cosine_gate(0.5), shadow_share=0.0)
+        cache = CacheTier(embedder=embedder, gate=cosine_gate(0.5), shadow_share=0.0, path=cache_path)
         async with Milliwatt([cache, remote(stub)], ledger=Ledger(f"sqlite:///{db}")) as mw:
             first = await ask_everyone(mw, everyone, questions)
             assert {r.tier for r in first} == {"remote"}  # an empty cache answers nothing
@@ -120,6 +123,11 @@ async def isolation(embedder: Embedder, db: Path, questions: tuple[str, ...]) ->
 @aio
 async def test_no_cache_hit_crosses_tenants_or_users_among_64_concurrent_tenants(tmp_path: Path) -> None:
     await isolation(OnePoint(), tmp_path / "ledger.db", QUESTIONS)
+
+
+@aio
+async def test_no_cache_hit_crosses_tenants_or_users_on_a_cache_shared_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    await isolation(OnePoint(), tmp_path / "ledger.db", QUESTIONS, cache_path=pg_url)
 
 
 @pytest.mark.slow

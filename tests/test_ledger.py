@@ -454,3 +454,16 @@ def test_docs_quality_query(tmp_path: Path) -> None:
         ("remote", "exact", "tool_call_match", 1, 1, 1.0, 1.0, pytest.approx(0.2)),
         ("cache", "proxy", "text_token_f1", 1, 1, 1.0, 0.9, pytest.approx(0.2)),
     ]
+
+
+def test_step_ids_are_in_creation_order_even_with_ids_for_other_times_made_between() -> None:
+    """Several ids in one millisecond, with a fault's or a record's id for another time made in
+    between (as the writer does): id order is still creation order."""
+    at = 1_800_000_000.123
+    made = []
+    for _ in range(500):
+        made.append(new_step_id(at))
+        new_step_id(at - 5.0)
+        new_step_id()
+    assert made == sorted(made) and len(set(made)) == len(made)
+    assert all(i[:10] == made[0][:10] for i in made)  # each still encodes its own millisecond

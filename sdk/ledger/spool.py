@@ -92,6 +92,33 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _truncate(fd: int, size: int) -> None:
+    """Cut the file back to ``size`` bytes, if it can be (shrinking needs no free space)."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        pass
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Make ``data`` the file's content, all or nothing: written whole to a file beside it,
+    then renamed over it. If that fails (a full disk), the file stays as it was and this
+    raises. Called under the file's lock: an appender waiting for it finds the new file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def _read_all(fd: int) -> bytes:
     size = os.fstat(fd).st_size
     return os.pread(fd, size, 0) if size else b""
@@ -136,8 +163,15 @@ class Spool:
                 size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":
                     data = b"\n" + data  # end a line a crash cut short: it stays one bad line
-                _write_all(fd, data)
-                os.fsync(fd)
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                except BaseException:
+                    # All or nothing: a full disk may have taken part of the append. Left there,
+                    # its whole lines would be imported later although the caller counted them
+                    # lost, and its cut line counted lost a second time.
+                    _truncate(fd, size)
+                    raise
             if size == 0:
                 _fsync_dir(self.path.parent)
 
@@ -213,9 +247,9 @@ def import_spool(
         result, kept = retrying(on_retry)(_store, engine, db_lock, path, entries, bad)
         kept += others
         if kept:
-            os.ftruncate(fd, 0)
-            _write_all(fd, b"".join(line + b"\n" for line in kept))
-            os.fsync(fd)
+            # Not truncated in place: on a full disk the rewrite would fail after the
+            # truncation, losing the records that were to stay.
+            _replace(path, b"".join(line + b"\n" for line in kept))
         else:
             path.unlink()  # still under the lock: an appender waiting for it opens a new file
             _fsync_dir(path.parent)
