@@ -127,7 +127,7 @@ class CacheTier(Tier):
         # comes back through remember(): the feedback each entry learns from (_learn).
         self._pending: OrderedDict[int, tuple[Step, list[Candidate]]] = OrderedDict()
         if path is not None and "://" in path:
-            # Shared by every worker on the database (shared.py): it is saved as it is written.
+            # Shared by every worker on the database (shared.py): its writes are committed as they come.
             # Imported here: SQLAlchemy is not loaded for a cache that does not need it.
             from .shared import SharedStore
 
@@ -385,7 +385,7 @@ class CacheTier(Tier):
 
     def save(self) -> None:
         """Write the cache to ``path`` (blocking; a no-op for an in-memory cache). A shared
-        cache has its entries in the database already: its counters and removals are pushed."""
+        cache commits what it queued and applies the other workers' writes."""
         if self.path is None:
             return
         self.store.purge_expired(self._clock())
@@ -399,7 +399,7 @@ class CacheTier(Tier):
             if self._folder_lock is not None:
                 await asyncio.to_thread(self.save)
         finally:
-            await asyncio.to_thread(self.store.close)  # shared: stops syncing, pushes the last counts
+            await asyncio.to_thread(self.store.close)  # shared: stops syncing, commits what is queued
             if self._folder_lock is not None:
                 self._folder_lock.release()
             if self._owns_embedder:
